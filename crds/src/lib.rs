@@ -1,0 +1,1 @@
+//! Outrigger's API types (group `outrigger.dev`, version `v1alpha1`).

@@ -1,0 +1,1 @@
+//! Outrigger's placement solver.

@@ -1,0 +1,1 @@
+//! End-to-end tests and cloud simulators for Outrigger (see tests/ and hack/).
