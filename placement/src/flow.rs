@@ -1,0 +1,151 @@
+//! Min-cost flow by successive shortest paths with potentials (Dijkstra), over
+//! lexicographic cost vectors. It stops when the cheapest path no longer lowers the
+//! cost, so it finds the cheapest flow of any amount up to the limit.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::problem::K;
+
+pub(crate) type Cost = [i64; K];
+
+pub(crate) const ZERO: Cost = [0; K];
+
+fn add(a: &Cost, b: &Cost) -> Cost {
+    std::array::from_fn(|i| a[i] + b[i])
+}
+
+fn sub(a: &Cost, b: &Cost) -> Cost {
+    std::array::from_fn(|i| a[i] - b[i])
+}
+
+/// A flow network whose arcs always point from a lower to a higher node id, so the
+/// first potentials come from one pass in id order.
+#[derive(Default)]
+pub(crate) struct Graph {
+    out: Vec<Vec<usize>>,
+    to: Vec<usize>,
+    cap: Vec<i64>,
+    original: Vec<i64>,
+    cost: Vec<Cost>,
+}
+
+impl Graph {
+    pub fn node(&mut self) -> usize {
+        self.out.push(Vec::new());
+        self.out.len() - 1
+    }
+
+    /// Adds an arc and returns its id; arcs of no capacity are not added.
+    pub fn arc(&mut self, from: usize, to: usize, cap: i64, cost: Cost) -> Option<usize> {
+        debug_assert!(from < to, "arcs point forward");
+        if cap <= 0 {
+            return None;
+        }
+        let id = self.to.len();
+        for (head, c, k) in [(to, cap, cost), (from, 0, sub(&ZERO, &cost))] {
+            self.to.push(head);
+            self.cap.push(c);
+            self.original.push(c);
+            self.cost.push(k);
+        }
+        self.out[from].push(id);
+        self.out[to].push(id + 1);
+        Some(id)
+    }
+
+    /// Flow sent along arc `id`.
+    pub fn flow(&self, id: usize) -> i64 {
+        self.original[id] - self.cap[id]
+    }
+
+    /// Sends up to `limit` units from `s` to `t` at least cost; returns the amount.
+    pub fn min_cost_flow(&mut self, s: usize, t: usize, limit: i64) -> i64 {
+        let n = self.out.len();
+        let mut potential = self.first_potentials(s);
+        let mut dist: Vec<Option<Cost>> = vec![None; n];
+        let mut done = vec![false; n];
+        let mut via = vec![usize::MAX; n];
+        let mut heap = BinaryHeap::new();
+        let mut sent = 0;
+        while sent < limit {
+            dist.iter_mut().for_each(|d| *d = None);
+            done.iter_mut().for_each(|d| *d = false);
+            dist[s] = Some(ZERO);
+            heap.clear();
+            heap.push(Reverse((ZERO, s)));
+            while let Some(Reverse((d, u))) = heap.pop() {
+                if done[u] {
+                    continue;
+                }
+                done[u] = true;
+                if u == t {
+                    break;
+                }
+                for &e in &self.out[u] {
+                    let v = self.to[e];
+                    if self.cap[e] == 0 || done[v] {
+                        continue;
+                    }
+                    let reduced = sub(&add(&self.cost[e], &potential[u]), &potential[v]);
+                    let nd = add(&d, &reduced);
+                    if dist[v].is_none_or(|old| nd < old) {
+                        dist[v] = Some(nd);
+                        via[v] = e;
+                        heap.push(Reverse((nd, v)));
+                    }
+                }
+            }
+            let Some(to_t) = dist[t].filter(|_| done[t]) else {
+                break;
+            };
+            // The path's true cost; a path that costs nothing or more makes nothing better.
+            if add(&to_t, &sub(&potential[t], &potential[s])) >= ZERO {
+                break;
+            }
+            for v in 0..n {
+                let d = match dist[v] {
+                    Some(d) if done[v] => d,
+                    _ => to_t,
+                };
+                potential[v] = add(&potential[v], &d);
+            }
+            let mut push = limit - sent;
+            let mut v = t;
+            while v != s {
+                let e = via[v];
+                push = push.min(self.cap[e]);
+                v = self.to[e ^ 1];
+            }
+            let mut v = t;
+            while v != s {
+                let e = via[v];
+                self.cap[e] -= push;
+                self.cap[e ^ 1] += push;
+                v = self.to[e ^ 1];
+            }
+            sent += push;
+        }
+        sent
+    }
+
+    /// Shortest distances from `s` on the untouched network (a DAG in id order).
+    fn first_potentials(&self, s: usize) -> Vec<Cost> {
+        let n = self.out.len();
+        let mut dist: Vec<Option<Cost>> = vec![None; n];
+        dist[s] = Some(ZERO);
+        for u in 0..n {
+            let Some(du) = dist[u] else { continue };
+            for &e in &self.out[u] {
+                let v = self.to[e];
+                if self.cap[e] > 0 {
+                    let nd = add(&du, &self.cost[e]);
+                    if dist[v].is_none_or(|old| nd < old) {
+                        dist[v] = Some(nd);
+                    }
+                }
+            }
+        }
+        dist.into_iter().map(|d| d.unwrap_or(ZERO)).collect()
+    }
+}
