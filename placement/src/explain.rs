@@ -61,7 +61,11 @@ pub(crate) fn explain(
         let line = match &facts.eligible {
             Err(why) => format!("{}: 0, not eligible: {why}", pool.name),
             Ok(()) if facts.capacity == 0 => {
-                format!("{}: 0, no capacity: {}", pool.name, capacity_reason(pool, g))
+                format!(
+                    "{}: 0, no capacity: {}",
+                    pool.name,
+                    capacity_reason(pool, g)
+                )
             }
             Ok(()) => {
                 let capped = Level::ALL.iter().find_map(|&level| {
@@ -113,7 +117,10 @@ pub(crate) fn explain(
         lines.push(line);
     }
     if placed < r {
-        let capacity: u32 = problem.pools.iter().map(|p| p.capacity).sum();
+        let capacity = problem
+            .pools
+            .iter()
+            .fold(0u32, |sum, p| sum.saturating_add(p.capacity));
         lines.push(format!(
             "{} of {r} unplaced: eligible pools have room for {}",
             r - placed,
@@ -167,7 +174,12 @@ fn rule_line(
     let used = held.iter().filter(|&&h| h > 0).count() as u32;
     if r > 0 && used < min {
         let mut blocked = Vec::new();
-        for (i, name) in rules.names.iter().enumerate().filter(|(i, _)| held[*i] == 0) {
+        for (i, name) in rules
+            .names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| held[*i] == 0)
+        {
             let reasons: Vec<String> = problem
                 .pools
                 .iter()

@@ -77,7 +77,10 @@ fn finish(
             replicas: n,
         });
     }
-    let current: u32 = problem.pools.iter().map(|p| p.current).sum();
+    let current = problem
+        .pools
+        .iter()
+        .fold(0u32, |sum, p| sum.saturating_add(p.current));
     let kept = problem.kept(&x) as u32;
     let diversified = problem.excess(&x) == 0 && problem.missing(&x) == 0;
     Plan {

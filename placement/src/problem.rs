@@ -49,12 +49,18 @@ impl LevelRules {
 
     /// Replicas above the caps for a group holding `held`.
     pub fn excess(&self, held: u32) -> i64 {
-        self.caps.iter().map(|&u| i64::from(held.saturating_sub(u))).sum()
+        self.caps
+            .iter()
+            .map(|&u| i64::from(held.saturating_sub(u)))
+            .sum()
     }
 
     /// Groups missing from `minGroups` when `used` groups hold a replica.
     pub fn missing(&self, used: u32) -> i64 {
-        self.mins.iter().map(|&m| i64::from(m.saturating_sub(used))).sum()
+        self.mins
+            .iter()
+            .map(|&m| i64::from(m.saturating_sub(used)))
+            .sum()
     }
 
     /// The missing-groups reward of the `j`-th used group (1-based): how many rules
@@ -110,7 +116,11 @@ impl Problem {
                 });
             }
             let eligible = eligibility(request, pool);
-            let capacity = if eligible.is_ok() { pool.capacity(g) } else { 0 };
+            let capacity = if eligible.is_ok() {
+                pool.capacity(g)
+            } else {
+                0
+            };
             let current = if eligible.is_ok() && pool.healthy {
                 request.current.get(&pool.name).copied().unwrap_or(0)
             } else {
@@ -169,7 +179,10 @@ impl Problem {
             .iter()
             .map(|&l| {
                 let rules = self.level(l);
-                self.held(l, x).iter().map(|&h| rules.excess(h)).sum::<i64>()
+                self.held(l, x)
+                    .iter()
+                    .map(|&h| rules.excess(h))
+                    .sum::<i64>()
             })
             .sum()
     }
@@ -210,11 +223,16 @@ impl Problem {
         score.push(-self.kept(x));
         if with_balance && self.balanced {
             for level in [Level::Provider, Level::Region, Level::Zone] {
-                score.push(i64::from(self.held(level, x).into_iter().max().unwrap_or(0)));
+                score.push(i64::from(
+                    self.held(level, x).into_iter().max().unwrap_or(0),
+                ));
             }
         }
         let linear = |f: fn(&PoolFacts) -> i64| -> i64 {
-            self.pools.iter().zip(x).map(|(p, &n)| f(p) * i64::from(n)).sum()
+            // Saturating: absurd prices times absurd replica counts must not overflow.
+            self.pools.iter().zip(x).fold(0i64, |sum, (p, &n)| {
+                sum.saturating_add(f(p).saturating_mul(i64::from(n)))
+            })
         };
         score.push(linear(|p| p.cost));
         score.push(linear(|p| p.preference));
@@ -232,7 +250,10 @@ fn eligibility(request: &Request, pool: &Pool) -> Result<(), String> {
         ));
     }
     if !request.regions.is_empty() && !request.regions.contains(&pool.region) {
-        return Err(format!("region {} is not in placement.regions", pool.region));
+        return Err(format!(
+            "region {} is not in placement.regions",
+            pool.region
+        ));
     }
     if !request.gpu_types.is_empty() && !request.gpu_types.contains(&pool.gpu_type) {
         return Err(format!("GPU type {} is not in gpu.types", pool.gpu_type));

@@ -85,21 +85,47 @@ fn flow_plan(problem: &Problem, hubs: &Hubs, bounds: &Bounds) -> Vec<u32> {
     let root = graph.node();
     let source_hub = hubs.source.then(|| graph.node());
 
-    // Group nodes (entry, capped, node) level by level, only for groups with a usable pool.
-    let mut nodes: [Vec<Option<(usize, usize, usize)>>; 4] = Default::default();
+    // A level has nodes of its own only when something bounds or rewards its groups;
+    // otherwise its groups pass their parent's node on, which keeps the graph small.
+    let needed: [bool; 4] = std::array::from_fn(|l| {
+        !problem.levels[l].caps.is_empty()
+            || (l == 0 && hubs.source)
+            || bounds.limit[l].is_some()
+            || bounds
+                .forced
+                .iter()
+                .chain(&bounds.forbidden)
+                .any(|&(at, _)| at == l)
+    });
+    // Each group's node; `own` lists the groups with nodes (level, group, parent,
+    // entry, capped, node).
+    let mut out: [Vec<Option<usize>>; 4] = Default::default();
+    let mut own = Vec::new();
     for level in Level::ALL {
         let l = level.index();
-        nodes[l] = vec![None; problem.level(level).names.len()];
+        out[l] = vec![None; problem.level(level).names.len()];
         for (pool, _) in problem.pools.iter().zip(&usable).filter(|(_, u)| **u) {
             let g = pool.group[l];
-            if nodes[l][g].is_none() {
-                nodes[l][g] = Some((graph.node(), graph.node(), graph.node()));
+            if out[l][g].is_some() {
+                continue;
+            }
+            let parent = match l {
+                0 => root,
+                _ => out[l - 1][pool.group[l - 1]].expect("a parent group has a node"),
+            };
+            if needed[l] {
+                let (entry, capped, node) = (graph.node(), graph.node(), graph.node());
+                own.push((l, g, parent, entry, capped, node));
+                out[l][g] = Some(node);
+            } else {
+                out[l][g] = Some(parent);
             }
         }
     }
     let sink_groups: Vec<Option<usize>> = match hubs.sink {
-        Some(level) => (0..problem.level(level).names.len())
-            .map(|g| nodes[level.index()][g].map(|_| graph.node()))
+        Some(level) => out[level.index()]
+            .iter()
+            .map(|node| node.map(|_| graph.node()))
             .collect(),
         None => Vec::new(),
     };
@@ -110,57 +136,51 @@ fn flow_plan(problem: &Problem, hubs: &Hubs, bounds: &Bounds) -> Vec<u32> {
     if let Some(hub) = source_hub {
         reward_arcs(&mut graph, problem, Level::Provider, root, hub);
     }
-    let mut linked: [Vec<bool>; 4] = Default::default();
-    for level in Level::ALL {
-        let l = level.index();
-        linked[l] = vec![false; nodes[l].len()];
-        let rules = problem.level(level);
-        let usable_pools = problem.pools.iter().zip(&usable).filter(|(_, u)| **u);
-        for (pool, _) in usable_pools {
-            let g = pool.group[l];
-            if std::mem::replace(&mut linked[l][g], true) {
-                continue;
+    for (l, g, parent, entry, capped, node) in own {
+        let rules = &problem.levels[l];
+        graph.arc(parent, entry, r, ZERO);
+        // The caps count every replica of the group, the reward's first one too.
+        if problem.dns {
+            let cap = rules.tightest_cap().map_or(r, i64::from);
+            graph.arc(entry, capped, cap, ZERO);
+        } else {
+            let mut below = 0;
+            for (i, &u) in rules.caps.iter().enumerate() {
+                graph.arc(
+                    entry,
+                    capped,
+                    i64::from(u) - below,
+                    cost_at(excess, i as i64),
+                );
+                below = i64::from(u);
             }
-            let (entry, shared, node) = nodes[l][g].expect("a usable pool's group has nodes");
-            let parent = match l {
-                0 => root,
-                _ => nodes[l - 1][pool.group[l - 1]].expect("parent group exists").2,
-            };
-            graph.arc(parent, entry, r, ZERO);
-            // The caps count every replica of the group, the reward's first one too.
-            if problem.dns {
-                let cap = rules.tightest_cap().map_or(r, i64::from);
-                graph.arc(entry, shared, cap, ZERO);
-            } else {
-                let mut below = 0;
-                for (i, &u) in rules.caps.iter().enumerate() {
-                    graph.arc(entry, shared, i64::from(u) - below, cost_at(excess, i as i64));
-                    below = i64::from(u);
-                }
-                graph.arc(entry, shared, r - below, cost_at(excess, rules.caps.len() as i64));
-            }
-            if let (Some(hub), Level::Provider) = (source_hub, level) {
-                graph.arc(hub, entry, 1, ZERO);
-            }
-            let hard = if bounds.forbidden.contains(&(l, g)) {
-                0
-            } else {
-                bounds.limit[l].map_or(r, |c| i64::from(c).min(r))
-            };
-            if bounds.forced.contains(&(l, g)) {
-                graph.arc(shared, node, hard.min(1), cost_at(FORCE, -1));
-                graph.arc(shared, node, hard - 1, ZERO);
-            } else {
-                graph.arc(shared, node, hard, ZERO);
-            }
+            graph.arc(
+                entry,
+                capped,
+                r - below,
+                cost_at(excess, rules.caps.len() as i64),
+            );
+        }
+        if let (Some(hub), 0) = (source_hub, l) {
+            graph.arc(hub, entry, 1, ZERO);
+        }
+        let hard = if bounds.forbidden.contains(&(l, g)) {
+            0
+        } else {
+            bounds.limit[l].map_or(r, |c| i64::from(c).min(r))
+        };
+        if bounds.forced.contains(&(l, g)) {
+            graph.arc(capped, node, hard.min(1), cost_at(FORCE, -1));
+            graph.arc(capped, node, hard - 1, ZERO);
+        } else {
+            graph.arc(capped, node, hard, ZERO);
         }
     }
 
     let mut pool_arcs: Vec<Vec<usize>> = vec![Vec::new(); problem.pools.len()];
     for (p, pool) in problem.pools.iter().enumerate().filter(|(p, _)| usable[*p]) {
-        let from = nodes[Level::Pool.index()][pool.group[Level::Pool.index()]]
-            .expect("usable pool has a node")
-            .2;
+        let from = out[Level::Pool.index()][pool.group[Level::Pool.index()]]
+            .expect("a usable pool has a node");
         let to = match hubs.sink {
             Some(level) => sink_groups[pool.group[level.index()]].expect("sink group exists"),
             None => t,
@@ -193,7 +213,11 @@ fn flow_plan(problem: &Problem, hubs: &Hubs, bounds: &Bounds) -> Vec<u32> {
 /// Groups of `level` that have a usable pool.
 fn usable_groups(problem: &Problem, level: Level) -> Vec<bool> {
     let mut usable = vec![false; problem.level(level).names.len()];
-    for p in problem.pools.iter().filter(|p| p.eligible.is_ok() && p.capacity > 0) {
+    for p in problem
+        .pools
+        .iter()
+        .filter(|p| p.eligible.is_ok() && p.capacity > 0)
+    {
         usable[p.group[level.index()]] = true;
     }
     usable
@@ -252,13 +276,14 @@ fn best_plan(problem: &Problem, hubs: &Hubs, limit: [Option<u32>; 4]) -> Vec<u32
             if problem.missing_at(*level, &x) == 0 {
                 return None;
             }
-            (0..groups.len()).find(|&g| {
-                groups[g]
-                    && held[l][g] == 0
-                    && !bounds.forced.contains(&(l, g))
-                    && !bounds.forbidden.contains(&(l, g))
-            })
-            .map(|g| (l, g))
+            (0..groups.len())
+                .find(|&g| {
+                    groups[g]
+                        && held[l][g] == 0
+                        && !bounds.forced.contains(&(l, g))
+                        && !bounds.forbidden.contains(&(l, g))
+                })
+                .map(|g| (l, g))
         });
         if let Some(group) = undecided {
             let mut without = bounds.clone();
@@ -269,7 +294,8 @@ fn best_plan(problem: &Problem, hubs: &Hubs, limit: [Option<u32>; 4]) -> Vec<u32
             open.push(with);
         }
     }
-    best.map(|(_, x)| x).unwrap_or_else(|| vec![0; problem.pools.len()])
+    best.map(|(_, x)| x)
+        .unwrap_or_else(|| vec![0; problem.pools.len()])
 }
 
 /// The optimal plan: replicas per pool, in the problem's (name) order.

@@ -30,7 +30,10 @@ fn pool_strategy() -> impl Strategy<Value = Pool> {
         ),
     )
         .prop_map(
-            |((provider, region, zone, gpu, per_node, cap_type), (price, max, scalable, blocked, healthy, nodes))| {
+            |(
+                (provider, region, zone, gpu, per_node, cap_type),
+                (price, max, scalable, blocked, healthy, nodes),
+            )| {
                 Pool {
                     name: String::new(),
                     provider: provider.to_string(),
@@ -85,7 +88,14 @@ fn case() -> impl Strategy<Value = (Request, Vec<Pool>)> {
         }),
     )
         .prop_map(
-            |(mut pools, (replicas, gpus), spread, (balanced, dns, spot, a100_only), current, order)| {
+            |(
+                mut pools,
+                (replicas, gpus),
+                spread,
+                (balanced, dns, spot, a100_only),
+                current,
+                order,
+            )| {
                 for (i, pool) in pools.iter_mut().enumerate() {
                     pool.name = format!("pool-{}", order[i]);
                 }
@@ -110,7 +120,11 @@ fn case() -> impl Strategy<Value = (Request, Vec<Pool>)> {
                     } else {
                         Vec::new()
                     },
-                    strategy: if balanced { Objective::Balanced } else { Objective::Cost },
+                    strategy: if balanced {
+                        Objective::Balanced
+                    } else {
+                        Objective::Cost
+                    },
                     spread,
                     when_unsatisfiable: if dns {
                         WhenUnsatisfiable::DoNotSchedule
@@ -212,5 +226,65 @@ proptest! {
         reversed.reverse();
         prop_assert_eq!(&first, &solve(&request, &reversed));
         prop_assert_eq!(&first, &solve(&request, &pools));
+    }
+}
+
+fn extreme_pool() -> impl Strategy<Value = Pool> {
+    (
+        any::<u32>(),
+        any::<u32>(),
+        prop::collection::vec((any::<bool>(), any::<u32>()), 0..4),
+        select(vec![f64::NAN, f64::INFINITY, -5.0, 0.0, 1e300, 98.32]),
+        (any::<bool>(), any::<bool>(), any::<bool>()),
+        "[a-c]{0,2}",
+    )
+        .prop_map(
+            |(per_node, max, nodes, price, (scalable, blocked, healthy), zone)| Pool {
+                name: format!("p{zone}{per_node}"),
+                provider: zone.clone(),
+                region: zone.clone(),
+                zone: Some(zone),
+                gpu_type: "H100".into(),
+                gpus_per_node: per_node,
+                capacity_type: "on-demand".into(),
+                price_per_node_hour: price,
+                max_nodes: max,
+                scalable,
+                growth_blocked: blocked,
+                healthy,
+                nodes: nodes
+                    .into_iter()
+                    .map(|(ready, free_gpus)| Node { ready, free_gpus })
+                    .collect(),
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn extreme_inputs_never_panic(
+        pools in prop::collection::vec(extreme_pool(), 0..8),
+        replicas in any::<u32>(),
+        gpus in any::<u32>(),
+        rules in prop::collection::vec((select(Level::ALL.to_vec()), any::<u32>(), any::<u32>()), 0..3),
+        balanced in any::<bool>(),
+        dns in any::<bool>(),
+    ) {
+        let request = Request {
+            replicas,
+            gpus_per_replica: gpus,
+            strategy: if balanced { Objective::Balanced } else { Objective::Cost },
+            when_unsatisfiable: if dns { WhenUnsatisfiable::DoNotSchedule } else { WhenUnsatisfiable::ScheduleAnyway },
+            spread: rules
+                .into_iter()
+                .map(|(by, min, share)| SpreadRule { by, min_groups: min % 64, max_share: share })
+                .collect(),
+            ..Request::default()
+        };
+        let plan = solve(&request, &pools);
+        prop_assert!(plan.placed <= replicas);
+        prop_assert!(plan.cost_per_hour.is_finite());
     }
 }
