@@ -9,8 +9,9 @@ use clap::Args;
 /// Arguments of `outrigger crd`.
 #[derive(Args, Debug)]
 pub struct CrdArgs {
-    /// Write one file per CRD (`<plural>.yaml`) into this directory instead of
-    /// printing them, e.g. `--write crds` or `--write charts/outrigger/crds`.
+    /// Write one file per CRD (`<plural>.yaml`) into this directory (created if
+    /// missing) instead of printing them, e.g. `--write crds` or
+    /// `--write charts/outrigger/crds`.
     #[arg(long, value_name = "DIR")]
     pub write: Option<PathBuf>,
 }
@@ -29,6 +30,10 @@ pub fn run(args: &CrdArgs) -> Result<(), CrdError> {
     let files = outrigger_crds::crd_files();
     match &args.write {
         Some(dir) => {
+            fs::create_dir_all(dir).map_err(|source| CrdError::Write {
+                path: dir.clone(),
+                source,
+            })?;
             for file in &files {
                 let path = dir.join(&file.file_name);
                 fs::write(&path, &file.contents).map_err(|source| CrdError::Write {
@@ -42,9 +47,11 @@ pub fn run(args: &CrdArgs) -> Result<(), CrdError> {
         None => {
             let documents: Vec<&str> = files.iter().map(|f| f.contents.as_str()).collect();
             let mut stdout = io::stdout().lock();
-            stdout
-                .write_all(documents.join("---\n").as_bytes())
-                .map_err(CrdError::Print)
+            match stdout.write_all(documents.join("---\n").as_bytes()) {
+                // `outrigger crd | head` closes the pipe early; that is not a failure.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                result => result.map_err(CrdError::Print),
+            }
         }
     }
 }
