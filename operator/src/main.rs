@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod crdgen;
+mod inputs;
+mod plan;
+mod validate;
 
 /// Outrigger keeps GPU model-serving replicas spread over AWS and Azure GPU pools.
 #[derive(Parser, Debug)]
@@ -19,18 +22,30 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML, or write them with --write DIR.
     Crd(crdgen::CrdArgs),
+    /// Preview placements offline: plan the ModelDeployments in the files onto their GpuNodePools.
+    Plan(plan::PlanArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Crd(args) => crdgen::run(args).map_err(|e| e.to_string()),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+    match &cli.command {
+        Command::Crd(args) => match crdgen::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        // Bad input exits 2, like kubectl's usage errors.
+        Command::Plan(args) => match plan::run(args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
