@@ -5,9 +5,17 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod children;
+mod controller;
 mod crdgen;
 mod inputs;
+mod inventory;
+mod labels;
+mod leader;
 mod plan;
+mod run;
+mod status;
+mod telemetry;
 mod validate;
 
 /// Outrigger keeps GPU model-serving replicas spread over AWS and Azure GPU pools.
@@ -24,6 +32,8 @@ enum Command {
     Crd(crdgen::CrdArgs),
     /// Preview placements offline: plan the ModelDeployments in the files onto their GpuNodePools.
     Plan(plan::PlanArgs),
+    /// Run the operator: watch ModelDeployments and keep their replicas placed.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +46,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime starts");
+            match runtime.block_on(run::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "outrigger stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         // Bad input exits 2, like kubectl's usage errors.
         Command::Plan(args) => match plan::run(args) {
             Ok(text) => {

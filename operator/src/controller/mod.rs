@@ -1,0 +1,100 @@
+//! The controllers and what they share: the reflectors' stores, the client, metrics
+//! and the Event recorder.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use outrigger_crds::GpuNodePool;
+use tokio::sync::Mutex;
+
+use crate::inventory::{Inventory, Key};
+use crate::telemetry::Metrics;
+
+pub mod model_deployment;
+pub mod pool;
+
+/// Caches of everything the controllers read; they never list on a reconcile.
+#[derive(Clone)]
+pub struct Stores {
+    pub pools: Store<GpuNodePool>,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub deployments: Store<Deployment>,
+    pub services: Store<Service>,
+    pub budgets: Store<PodDisruptionBudget>,
+}
+
+impl Stores {
+    pub fn inventory(&self) -> Inventory {
+        Inventory::new(
+            self.pools.state(),
+            &self.nodes.state(),
+            &self.pods.state(),
+            &self.deployments.state(),
+            Timestamp::now(),
+        )
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// ModelDeployments moving off a lost pool, and since when its nodes were lost,
+    /// until every replacement is Ready.
+    pub failovers: Mutex<HashMap<Key, Timestamp>>,
+}
+
+/// Why a reconcile failed; `category` labels metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to apply {kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("failed to delete {kind} {name}: {source}")]
+    Delete {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("failed to write the status of {name}: {source}")]
+    Status { name: String, source: kube::Error },
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::Status { .. } => "status",
+        }
+    }
+}
+
+/// A server-side apply patch body without nulls: in an apply patch a null would
+/// claim the field and clear it.
+pub fn without_nulls(mut value: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.retain(|_, v| !v.is_null());
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut value);
+    value
+}

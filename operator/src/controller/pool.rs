@@ -1,0 +1,120 @@
+//! Keeps each GpuNodePool's observed status current: nodes, Ready nodes, GPUs, and
+//! the `Ready` condition (`NodesLost` when every node is lost, `Recovered` when they
+//! come back, which starts the ModelDeployments' rebalance clock).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use outrigger_crds::{GpuNodePool, condition};
+
+use super::{Context, Error};
+use crate::{labels, status};
+
+pub const CONTROLLER: &str = "gpunodepool";
+/// This controller's field manager: the cloud scaler owns other status fields.
+const FIELD_MANAGER: &str = "outrigger-inventory";
+/// Look again this often with no trigger.
+const RECHECK: Duration = Duration::from_secs(300);
+
+pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer(CONTROLLER);
+    let inventory = ctx.stores.inventory();
+    let name = pool.name_any();
+    let Some(index) = inventory.pool_index(&name) else {
+        return Ok(Action::await_change());
+    };
+    let counts = inventory.counts(index);
+    let previous = pool
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let prior = previous.iter().find(|c| c.type_ == condition::READY);
+    let now = Timestamp::now();
+    let ready = if counts.nodes > 0 && counts.ready_nodes == 0 {
+        status::condition(
+            previous,
+            condition::READY,
+            false,
+            labels::REASON_NODES_LOST,
+            format!("all {} nodes are NotReady or unreachable", counts.nodes),
+            pool.metadata.generation,
+            now,
+        )
+    } else if prior.is_some_and(|c| {
+        (c.status == "False" && c.reason == labels::REASON_NODES_LOST)
+            || (c.status == "True" && c.reason == labels::REASON_RECOVERED)
+    }) {
+        let mut c = status::condition(previous, condition::READY, true, labels::REASON_RECOVERED, "nodes are Ready again after all were lost; replicas return after each ModelDeployment's failover.rebalanceAfterSeconds".to_string(), pool.metadata.generation, now);
+        if prior.is_some_and(|p| p.status == "True") {
+            c.last_transition_time = prior.expect("checked").last_transition_time.clone();
+        }
+        c
+    } else if counts.nodes == 0 {
+        status::condition(
+            previous,
+            condition::READY,
+            true,
+            "NoNodes",
+            "the pool has no nodes".to_string(),
+            pool.metadata.generation,
+            now,
+        )
+    } else {
+        status::condition(
+            previous,
+            condition::READY,
+            true,
+            "NodesReady",
+            format!("{} of {} nodes Ready", counts.ready_nodes, counts.nodes),
+            pool.metadata.generation,
+            now,
+        )
+    };
+    let current = pool.status.as_ref();
+    let unchanged = current.is_some_and(|s| {
+        s.nodes == Some(counts.nodes)
+            && s.ready_nodes == Some(counts.ready_nodes)
+            && s.gpus.as_ref().is_some_and(|g| {
+                g.allocatable == counts.allocatable && g.requested == counts.requested
+            })
+    }) && prior.is_some_and(|c| {
+        c.status == ready.status && c.reason == ready.reason && c.message == ready.message
+    });
+    if unchanged {
+        return Ok(Action::requeue(RECHECK));
+    }
+    let patch = serde_json::json!({
+        "apiVersion": GpuNodePool::api_version(&()),
+        "kind": GpuNodePool::kind(&()),
+        "status": {
+            "nodes": counts.nodes,
+            "readyNodes": counts.ready_nodes,
+            "gpus": {"allocatable": counts.allocatable, "requested": counts.requested},
+            "conditions": [ready],
+        },
+    });
+    let api: Api<GpuNodePool> = Api::all(ctx.client.clone());
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Status {
+        name: name.clone(),
+        source,
+    })?;
+    ctx.metrics.wrote("gpunodepools/status", "apply");
+    Ok(Action::requeue(RECHECK))
+}
+
+pub fn error_policy(_: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failed(CONTROLLER, error.category());
+    tracing::warn!(%error, "pool status update failed; retrying in 5 s");
+    Action::requeue(Duration::from_secs(5))
+}

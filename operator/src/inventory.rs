@@ -1,0 +1,395 @@
+//! What the cluster holds, from the reflectors' stores: each pool's nodes, their
+//! GPUs and who uses them, and the children Outrigger applied. Pure: the stores'
+//! contents and the time go in, solver inputs and pool counts come out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use outrigger_crds::{GpuNodePool, condition};
+use outrigger_placement as placement;
+
+use crate::{inputs, labels};
+
+/// A ModelDeployment by namespace and name.
+pub type Key = (String, String);
+
+/// One node, as far as placement cares.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub name: String,
+    /// Index into the inventory's pools.
+    pub pool: Option<usize>,
+    /// When the node stopped being Ready (or was marked unreachable); `None` while Ready.
+    pub lost_since: Option<Timestamp>,
+    pub allocatable: u32,
+    /// GPUs requested on this node, by the ModelDeployment that placed the pod
+    /// (`None` for other workloads).
+    pub used: Vec<(Option<Key>, u32)>,
+}
+
+/// One child Deployment Outrigger applied.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub owner: Key,
+    pub pool: String,
+    pub name: String,
+    pub replicas: u32,
+    pub ready: u32,
+    /// GPUs per replica.
+    pub gpus: u32,
+    /// Its pods that are bound to a node.
+    pub scheduled: u32,
+    pub applied_hash: Option<String>,
+}
+
+/// Counts a pool's status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolCounts {
+    pub nodes: u32,
+    pub ready_nodes: u32,
+    pub allocatable: u32,
+    pub requested: u32,
+}
+
+/// How one pool looks to one ModelDeployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Every node lost for at least `unhealthyAfterSeconds`: replicas leave.
+    Unhealthy {
+        lost_since: Timestamp,
+    },
+    /// Back after an outage but not yet for `rebalanceAfterSeconds`: keeps what it
+    /// has, takes nothing new.
+    Recovering {
+        until: Timestamp,
+    },
+}
+
+pub struct Inventory {
+    pub pools: Vec<Arc<GpuNodePool>>,
+    pub nodes: Vec<NodeFacts>,
+    pub children: Vec<Child>,
+    pub now: Timestamp,
+}
+
+/// What the solver needs for one ModelDeployment, and when that view changes on its own.
+pub struct View {
+    pub pools: Vec<placement::Pool>,
+    pub health: BTreeMap<String, Health>,
+    /// The next time a lost node crosses the grace period or a recovering pool may
+    /// take replicas again: reconcile then.
+    pub next_change: Option<Timestamp>,
+}
+
+pub fn gpus_of(quantities: Option<&BTreeMap<String, Quantity>>) -> u32 {
+    quantities
+        .and_then(|q| q.get(labels::GPU))
+        .and_then(|q| q.0.parse::<u32>().ok())
+        .unwrap_or(0)
+}
+
+/// GPUs one pod asks for: per container, requests or else limits.
+pub fn pod_gpus(pod: &Pod) -> u32 {
+    pod.spec.as_ref().map_or(0, |spec| {
+        spec.containers
+            .iter()
+            .map(|c| {
+                let r = c.resources.as_ref();
+                let requested = gpus_of(r.and_then(|r| r.requests.as_ref()));
+                if requested > 0 {
+                    requested
+                } else {
+                    gpus_of(r.and_then(|r| r.limits.as_ref()))
+                }
+            })
+            .sum()
+    })
+}
+
+fn owner_of(labels_: Option<&BTreeMap<String, String>>, namespace: Option<&String>) -> Option<Key> {
+    let md = labels_?.get(labels::DEPLOYMENT)?;
+    Some((namespace?.clone(), md.clone()))
+}
+
+/// When a node stopped counting: not Ready, or tainted unreachable.
+pub fn lost_since(node: &Node, now: Timestamp) -> Option<Timestamp> {
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+    let unreachable = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .and_then(|ts| ts.iter().find(|t| t.key == labels::UNREACHABLE_TAINT));
+    match (ready, unreachable) {
+        (Some(c), None) if c.status == "True" => None,
+        (Some(c), _) if c.status != "True" => {
+            Some(c.last_transition_time.as_ref().map_or(now, |t| t.0))
+        }
+        (_, Some(t)) => Some(t.time_added.as_ref().map_or(now, |t| t.0)),
+        _ => Some(now),
+    }
+}
+
+impl Inventory {
+    pub fn new(
+        mut pools: Vec<Arc<GpuNodePool>>,
+        nodes: &[Arc<Node>],
+        pods: &[Arc<Pod>],
+        deployments: &[Arc<Deployment>],
+        now: Timestamp,
+    ) -> Inventory {
+        pools.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let selectors: Vec<BTreeMap<String, String>> =
+            pools.iter().map(|p| p.node_selector()).collect();
+        let mut by_name = BTreeMap::new();
+        let mut facts: Vec<NodeFacts> = nodes
+            .iter()
+            .map(|node| {
+                let node_labels = node.metadata.labels.clone().unwrap_or_default();
+                let pool = selectors
+                    .iter()
+                    .position(|sel| sel.iter().all(|(k, v)| node_labels.get(k) == Some(v)));
+                NodeFacts {
+                    name: node.metadata.name.clone().unwrap_or_default(),
+                    pool,
+                    lost_since: lost_since(node, now),
+                    allocatable: gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref())),
+                    used: Vec::new(),
+                }
+            })
+            .collect();
+        facts.sort_by(|a, b| a.name.cmp(&b.name));
+        for (i, n) in facts.iter().enumerate() {
+            by_name.insert(n.name.clone(), i);
+        }
+        let mut scheduled: BTreeMap<(Key, String), u32> = BTreeMap::new();
+        for pod in pods {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) else {
+                continue;
+            };
+            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+            if matches!(phase, Some("Succeeded" | "Failed")) {
+                continue;
+            }
+            let owner = owner_of(
+                pod.metadata.labels.as_ref(),
+                pod.metadata.namespace.as_ref(),
+            );
+            if let (Some(owner), Some(pool)) = (
+                &owner,
+                pod.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(labels::POOL)),
+            ) {
+                *scheduled.entry((owner.clone(), pool.clone())).or_default() += 1;
+            }
+            if let Some(&i) = by_name.get(node) {
+                facts[i].used.push((owner, pod_gpus(pod)));
+            }
+        }
+        let children = deployments
+            .iter()
+            .filter_map(|d| {
+                let l = d.metadata.labels.as_ref()?;
+                let owner = owner_of(Some(l), d.metadata.namespace.as_ref())?;
+                let pool = l.get(labels::POOL)?.clone();
+                let spec = &d.spec;
+                let gpus = spec.template.spec.as_ref().map_or(0, |s| {
+                    s.containers
+                        .iter()
+                        .map(|c| gpus_of(c.resources.as_ref().and_then(|r| r.limits.as_ref())))
+                        .sum()
+                });
+                Some(Child {
+                    scheduled: scheduled
+                        .get(&(owner.clone(), pool.clone()))
+                        .copied()
+                        .unwrap_or(0),
+                    owner,
+                    pool,
+                    name: d.metadata.name.clone().unwrap_or_default(),
+                    replicas: spec.replicas.unwrap_or(1).max(0).unsigned_abs(),
+                    ready: d
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.ready_replicas)
+                        .unwrap_or(0)
+                        .max(0)
+                        .unsigned_abs(),
+                    gpus,
+                    applied_hash: d
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(labels::APPLIED_HASH))
+                        .cloned(),
+                })
+            })
+            .collect();
+        Inventory {
+            pools,
+            nodes: facts,
+            children,
+            now,
+        }
+    }
+
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools
+            .iter()
+            .position(|p| p.metadata.name.as_deref() == Some(name))
+    }
+
+    /// The children of one ModelDeployment.
+    pub fn children_of<'a>(&'a self, owner: &'a Key) -> impl Iterator<Item = &'a Child> + 'a {
+        self.children.iter().filter(move |c| &c.owner == owner)
+    }
+
+    /// Replicas per pool a ModelDeployment runs now.
+    pub fn current(&self, owner: &Key) -> BTreeMap<String, u32> {
+        self.children_of(owner)
+            .filter(|c| c.replicas > 0)
+            .map(|c| (c.pool.clone(), c.replicas))
+            .collect()
+    }
+
+    /// Node and GPU counts of one pool.
+    pub fn counts(&self, pool: usize) -> PoolCounts {
+        let mut counts = PoolCounts::default();
+        for n in self.nodes.iter().filter(|n| n.pool == Some(pool)) {
+            counts.nodes += 1;
+            counts.requested += n.used.iter().map(|(_, g)| g).sum::<u32>();
+            if n.lost_since.is_none() {
+                counts.ready_nodes += 1;
+                counts.allocatable += n.allocatable;
+            }
+        }
+        counts
+    }
+
+    /// Since when every node of the pool has been lost, if it has nodes and all are.
+    pub fn pool_lost_since(&self, pool: usize) -> Option<Timestamp> {
+        let mut latest: Option<Timestamp> = None;
+        let mut any = false;
+        for n in self.nodes.iter().filter(|n| n.pool == Some(pool)) {
+            any = true;
+            let since = n.lost_since?;
+            latest = Some(latest.map_or(since, |l| l.max(since)));
+        }
+        if any { latest } else { None }
+    }
+
+    /// The pools as `owner` sees them: what other workloads and other
+    /// ModelDeployments use is taken, nodes lost for less than `grace` still hold
+    /// the owner's own replicas, and pools back from an outage take nothing new for
+    /// `rebalance`.
+    pub fn view(&self, owner: &Key, grace: Duration, rebalance: Duration) -> View {
+        let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+        let rebalance = SignedDuration::try_from(rebalance).unwrap_or(SignedDuration::MAX);
+        let mut next: Option<Timestamp> = None;
+        let mut soonest = |t: Timestamp| {
+            if t > self.now {
+                next = Some(next.map_or(t, |n: Timestamp| n.min(t)));
+            }
+        };
+        let mut pools = Vec::with_capacity(self.pools.len());
+        let mut health = BTreeMap::new();
+        for (i, pool) in self.pools.iter().enumerate() {
+            let name = pool.metadata.name.clone().unwrap_or_default();
+            let status = pool.status.as_ref();
+            let lost = self.pool_lost_since(i);
+            let ready_condition =
+                status.and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY));
+            let recovering_until = ready_condition
+                .and_then(|c| match (c.status.as_str(), c.reason.as_str()) {
+                    ("True", labels::REASON_RECOVERED) => {
+                        Some(c.last_transition_time.0 + rebalance)
+                    }
+                    // Nodes are back but the pool status has not caught up yet: the
+                    // recovery is happening now.
+                    ("False", labels::REASON_NODES_LOST) if lost.is_none() => {
+                        Some(self.now + rebalance)
+                    }
+                    _ => None,
+                })
+                .filter(|until| *until > self.now);
+            let state = match (lost, recovering_until) {
+                (Some(since), _) if since + grace <= self.now => {
+                    Health::Unhealthy { lost_since: since }
+                }
+                (_, Some(until)) => Health::Recovering { until },
+                _ => Health::Healthy,
+            };
+            if let Some(since) = lost {
+                soonest(since + grace);
+            }
+            if let Some(until) = recovering_until {
+                soonest(until);
+            }
+            let mut nodes = Vec::new();
+            for n in self.nodes.iter().filter(|n| n.pool == Some(i)) {
+                let (own, others): (Vec<_>, Vec<_>) =
+                    n.used.iter().partition(|(o, _)| o.as_ref() == Some(owner));
+                let own: u32 = own.iter().map(|(_, g)| g).sum();
+                let others: u32 = others.iter().map(|(_, g)| g).sum();
+                let free = n.allocatable.saturating_sub(others);
+                let node = match n.lost_since {
+                    None if !matches!(state, Health::Recovering { .. }) => placement::Node {
+                        ready: true,
+                        free_gpus: free,
+                    },
+                    None => placement::Node {
+                        ready: true,
+                        free_gpus: own.min(free),
+                    },
+                    Some(since) if since + grace > self.now => {
+                        soonest(since + grace);
+                        placement::Node {
+                            ready: true,
+                            free_gpus: own.min(free),
+                        }
+                    }
+                    Some(_) => placement::Node {
+                        ready: false,
+                        free_gpus: 0,
+                    },
+                };
+                nodes.push(node);
+            }
+            let growth_blocked =
+                inputs::growth_blocked(status) || matches!(state, Health::Recovering { .. });
+            let mut solver_pool = inputs::pool(
+                pool,
+                nodes,
+                growth_blocked,
+                !matches!(state, Health::Unhealthy { .. }),
+            );
+            // Replicas other ModelDeployments planned here but that are not bound
+            // yet will take room too.
+            for child in self
+                .children
+                .iter()
+                .filter(|c| c.pool == name && &c.owner != owner)
+            {
+                solver_pool.reserve(child.replicas.saturating_sub(child.scheduled), child.gpus);
+            }
+            pools.push(solver_pool);
+            health.insert(name, state);
+        }
+        View {
+            pools,
+            health,
+            next_change: next,
+        }
+    }
+}

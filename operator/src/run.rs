@@ -1,0 +1,361 @@
+//! `outrigger run`: the operator. Serves health and metrics, waits for the leader
+//! Lease, fills its caches, then runs the controllers until shutdown or until the
+//! Lease is lost (then it exits, so it never writes without the Lease).
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Client, Resource};
+use outrigger_crds::{GpuNodePool, ModelDeployment};
+use tokio::sync::watch;
+
+use crate::controller::{Context, Stores, model_deployment, pool};
+use crate::leader::Elector;
+use crate::telemetry::{self, Health, LogFormat, Metrics};
+use crate::{inventory, labels};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Where /metrics, /healthz and /readyz listen.
+    #[arg(long, env = "OUTRIGGER_METRICS_ADDR", default_value = "127.0.0.1:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Take the leader Lease before acting (turn off only for a single replica).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "outrigger-leader")]
+    lease_name: String,
+    /// This replica's name in the Lease (default: the pod name, or host and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to reach the Kubernetes API (kubeconfig or in-cluster config): {0}")]
+    Client(#[source] kube::Error),
+    #[error("failed to listen on {addr} for metrics: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("lost the leader Lease ({0}); stopped to let another replica lead")]
+    LostLease(String),
+    #[error("the controllers stopped unexpectedly")]
+    Stopped,
+}
+
+pub async fn run(args: &RunArgs) -> Result<(), RunError> {
+    telemetry::init_logs(args.log_format);
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(telemetry::serve(
+        listener,
+        Health {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        },
+    ));
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger".to_string());
+        format!("{host}-{}", std::process::id())
+    });
+    let elector = Elector::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        &identity,
+    );
+    if args.leader_elect {
+        // A standby is ready: it serves, it just does not act.
+        ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown_signal() => return Ok(()),
+        }
+        ready.store(false, Ordering::Relaxed);
+    }
+    metrics.leader.set(1);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut controllers = tokio::spawn(run_controllers(
+        client,
+        metrics.clone(),
+        ready,
+        identity,
+        stop_rx,
+    ));
+    let lost = async {
+        if args.leader_elect {
+            elector.hold().await
+        } else {
+            futures::future::pending().await
+        }
+    };
+    tokio::select! {
+        reason = lost => {
+            tracing::error!(%reason, "lost the leader Lease; stopping at once");
+            controllers.abort();
+            metrics.leader.set(0);
+            Err(RunError::LostLease(reason))
+        }
+        () = shutdown_signal() => {
+            tracing::info!("shutting down: finishing reconciles in flight");
+            let _ = stop_tx.send(true);
+            // In-flight reconciles get a few seconds to finish.
+            if tokio::time::timeout(Duration::from_secs(10), &mut controllers).await.is_err() {
+                controllers.abort();
+            }
+            if args.leader_elect {
+                elector.release().await;
+            }
+            Ok(())
+        }
+        _ = &mut controllers => Err(RunError::Stopped),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Where a reflector reports the changes that matter, and which ones do.
+type Poke<K> = (watch::Sender<u64>, fn(&K) -> u64);
+
+/// A reflector whose store the controllers read, kept current by its own task.
+/// `fingerprint` says which changes matter to placement: only those poke `changed`.
+fn mirror<K>(api: Api<K>, config: watcher::Config, changed: Option<Poke<K>>) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    tokio::spawn(async move {
+        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let Some((sender, fingerprint)) = &changed else {
+                continue;
+            };
+            let touched: Vec<K> = match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => vec![obj],
+                Ok(watcher::Event::Delete(obj)) => {
+                    let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
+                    seen.remove(&key);
+                    sender.send_modify(|n| *n += 1);
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => {
+                    sender.send_modify(|n| *n += 1);
+                    continue;
+                }
+                Ok(watcher::Event::Init) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch failed; retrying with backoff");
+                    continue;
+                }
+            };
+            for obj in touched {
+                let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
+                let print = fingerprint(&obj);
+                if seen.insert(key, print) != Some(print) {
+                    sender.send_modify(|n| *n += 1);
+                }
+            }
+        }
+    });
+    reader
+}
+
+fn hash_of<T: Hash>(value: T) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// What placement sees of a node: its labels, readiness, taints and GPUs.
+fn node_fingerprint(node: &Node) -> u64 {
+    let taints: Vec<String> = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .map(|ts| {
+            ts.iter()
+                .map(|t| format!("{}={:?}:{}", t.key, t.value, t.effect))
+                .collect()
+        })
+        .unwrap_or_default();
+    let lost = inventory::lost_since(node, k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+        .map(|t| t.as_second());
+    let gpus = inventory::gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
+    hash_of((&node.metadata.labels, taints, lost, gpus))
+}
+
+/// What placement sees of a pod: where it runs and the GPUs it holds.
+fn pod_fingerprint(pod: &Pod) -> u64 {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+    hash_of((node, phase, inventory::pod_gpus(pod)))
+}
+
+/// A pool's spec and status both matter (status carries Ready and CapacityAvailable).
+fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
+    hash_of(serde_json::to_string(pool).unwrap_or_default())
+}
+
+/// A stream that yields once per change of `rx`, coalescing bursts.
+fn pokes(rx: watch::Receiver<u64>) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+async fn run_controllers(
+    client: Client,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    identity: String,
+    stop: watch::Receiver<bool>,
+) {
+    let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+    let (changed, _) = watch::channel(0u64);
+    let stores = Stores {
+        pools: mirror(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            Some((changed.clone(), pool_fingerprint)),
+        ),
+        nodes: mirror(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            Some((changed.clone(), node_fingerprint)),
+        ),
+        pods: mirror(
+            Api::all(client.clone()),
+            watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
+            Some((changed.clone(), pod_fingerprint)),
+        ),
+        deployments: mirror(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default().labels(&managed),
+            None,
+        ),
+        services: mirror(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default().labels(&managed),
+            None,
+        ),
+        budgets: mirror(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            watcher::Config::default().labels(&managed),
+            None,
+        ),
+    };
+    for (what, waited) in [
+        (
+            "GpuNodePools",
+            stores.pools.wait_until_ready().await.is_ok(),
+        ),
+        ("Nodes", stores.nodes.wait_until_ready().await.is_ok()),
+        ("Pods", stores.pods.wait_until_ready().await.is_ok()),
+        (
+            "Deployments",
+            stores.deployments.wait_until_ready().await.is_ok(),
+        ),
+        ("Services", stores.services.wait_until_ready().await.is_ok()),
+        (
+            "PodDisruptionBudgets",
+            stores.budgets.wait_until_ready().await.is_ok(),
+        ),
+    ] {
+        if !waited {
+            tracing::error!("the {what} cache never filled");
+            return;
+        }
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!("caches synced; controllers starting");
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        stores,
+        metrics,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "outrigger".into(),
+                instance: Some(identity),
+            },
+        ),
+        failovers: Default::default(),
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // One reconcile at a time: each plan sees the capacity the previous one took.
+    let config = controller::Config::default().concurrency(1);
+    let deployments = Controller::new(
+        Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default().labels(&managed),
+    )
+    .reconcile_all_on(pokes(changed.subscribe()))
+    .with_config(config.clone())
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(
+        model_deployment::reconcile,
+        model_deployment::error_policy,
+        ctx.clone(),
+    )
+    .for_each(|_| futures::future::ready(()));
+    let pools = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
+        .reconcile_all_on(pokes(changed.subscribe()))
+        .with_config(config)
+        .graceful_shutdown_on(stopped(stop))
+        .run(pool::reconcile, pool::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(deployments, pools);
+}

@@ -1,0 +1,207 @@
+//! Logs, metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Structured logs on stderr; `RUST_LOG` filters (default `info`).
+pub fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub deployment: String,
+    pub provider: String,
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    pub resource: String,
+    pub verb: String,
+}
+
+/// Every metric Outrigger exports, prefixed `outrigger_`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub replicas: Family<ReplicaLabels, Gauge>,
+    pub failover_seconds: Histogram,
+    pub api_writes: Family<WriteLabels, Counter>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("outrigger");
+        // Reconciles take milliseconds; a slow API server can stretch them to seconds.
+        let reconcile_duration =
+            Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            });
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let replicas = Family::<ReplicaLabels, Gauge>::default();
+        // Failover goals are seconds; Kubernetes alone takes about 350 s.
+        let failover_seconds = Histogram::new(exponential_buckets(0.5, 2.0, 12));
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by controller and error kind",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "replicas",
+            "Replicas placed, by ModelDeployment, provider and pool",
+            replicas.clone(),
+        );
+        registry.register(
+            "failover_seconds",
+            "From a pool's nodes being lost to every replacement replica Ready",
+            failover_seconds.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Writes Outrigger sent to the API server, by resource and verb",
+            api_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            replicas,
+            failover_seconds,
+            api_writes,
+            leader,
+        }
+    }
+
+    pub fn wrote(&self, resource: &str, verb: &str) {
+        self.api_writes
+            .get_or_create(&WriteLabels {
+                resource: resource.to_string(),
+                verb: verb.to_string(),
+            })
+            .inc();
+    }
+
+    /// Starts timing a reconcile; the duration is recorded when the guard drops.
+    pub fn reconcile_timer(&self, controller: &str) -> ReconcileTimer<'_> {
+        ReconcileTimer {
+            metrics: self,
+            controller: controller.to_string(),
+            start: Instant::now(),
+        }
+    }
+
+    pub fn reconcile_failed(&self, controller: &str, kind: &str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                controller: controller.to_string(),
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+}
+
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    controller: String,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .reconcile_duration
+            .get_or_create(&ControllerLabels {
+                controller: std::mem::take(&mut self.controller),
+            })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// What the health endpoints report.
+#[derive(Clone)]
+pub struct Health {
+    pub metrics: Arc<Metrics>,
+    /// True once the stores are synced (or while standing by for the Lease).
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn metrics(State(health): State<Health>) -> (StatusCode, String) {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &health.metrics.registry) {
+        Ok(()) => (StatusCode::OK, text),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "failed to encode metrics".into(),
+        ),
+    }
+}
+
+async fn readyz(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    axum::serve(listener, app).await
+}
