@@ -1,1 +1,22 @@
-//! End-to-end tests and cloud simulators for Outrigger (see tests/ and hack/).
+//! End-to-end tests and cloud simulators for Outrigger.
+//!
+//! The simulators stand in for the clouds behind the real SDK clients:
+//! - [`ec2`]: a proxy in front of moto that adds capacity, EC2 errors and latency;
+//! - [`azure`]: an Azure Resource Manager (compute) endpoint for VM scale sets;
+//! - [`registrar`]: turns running instances and VMs into kwok Nodes, and holds
+//!   them NotReady during a simulated outage;
+//! - [`control`]: the control API that injects [`faults`] and creates fixtures.
+//!
+//! [`Simulator`] starts them together; the `outrigger-sim` binary runs it for
+//! `hack/cluster`, and [`harness`] holds what the tests share.
+#![forbid(unsafe_code)]
+
+pub mod azure;
+pub mod control;
+pub mod ec2;
+pub mod faults;
+pub mod harness;
+pub mod registrar;
+mod simulator;
+
+pub use simulator::{Simulator, SimulatorConfig, StartError};

@@ -1,0 +1,724 @@
+//! The Azure Resource Manager (compute) endpoint: the calls Outrigger makes on VM
+//! scale sets, answered like ARM, including its long-running operations.
+//!
+//! - `GET|PATCH .../virtualMachineScaleSets/{name}`: a PATCH of `sku.capacity`
+//!   answers 200 with `provisioningState: Updating` and the headers
+//!   `Azure-AsyncOperation` (the operation status resource), `Location` (the
+//!   operation result) and `Retry-After`;
+//! - `GET .../virtualMachineScaleSets/{name}/virtualMachines[/{id}]`;
+//! - `POST .../virtualMachineScaleSets/{name}/delete` (`deleteInstances`): 202 and
+//!   the same headers;
+//! - `GET .../locations/{location}/operations/{id}`: `{"status": "InProgress"}`,
+//!   then `Succeeded`, or `Failed` with an `error`;
+//! - `GET /subscriptions/{sub}/providers/Microsoft.Compute/skus`.
+//!
+//! Any bearer token is accepted; `api-version` is required, as in ARM.
+
+pub mod cloud;
+pub mod error;
+pub mod skus;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use outrigger_crds::Provider;
+use serde_json::{Value, json};
+
+use crate::faults::{Fault, FaultBook, matches, matches_opt};
+use crate::simulator::Shared;
+use cloud::{AzureCloud, OperationPlan, OperationStatus, ScaleSet, ScaleSetKey, Vm};
+use error::ArmError;
+
+const SCALE_SET_TYPE: &str = "Microsoft.Compute/virtualMachineScaleSets";
+const SCALE_SETS: &str =
+    "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets";
+const LOCATIONS: &str = "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}";
+
+type Params = Query<HashMap<String, String>>;
+
+/// The router of the ARM endpoint.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(SCALE_SETS, get(list_scale_sets))
+        .route(
+            &format!("{SCALE_SETS}/{{name}}"),
+            get(get_scale_set).patch(update_scale_set),
+        )
+        .route(
+            &format!("{SCALE_SETS}/{{name}}/virtualMachines"),
+            get(list_vms),
+        )
+        .route(
+            &format!("{SCALE_SETS}/{{name}}/virtualMachines/{{id}}"),
+            get(get_vm),
+        )
+        .route(
+            &format!("{SCALE_SETS}/{{name}}/delete"),
+            post(delete_instances),
+        )
+        .route(
+            "/subscriptions/{sub}/providers/Microsoft.Compute/skus",
+            get(list_skus),
+        )
+        .route(
+            &format!("{LOCATIONS}/operations/{{id}}"),
+            get(operation_status),
+        )
+        .route(
+            &format!("{LOCATIONS}/operationResults/{{id}}"),
+            get(operation_result),
+        )
+        .fallback(unknown_route)
+        .layer(middleware::from_fn_with_state(shared.clone(), gate))
+        .with_state(shared)
+}
+
+/// What every ARM request passes first: latency, `api-version`, a bearer token,
+/// throttling and `api` outages.
+async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let delay = shared.book().latency(Provider::Azure);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let mut response = match refusal(&shared, &request) {
+        Some(error) => {
+            tracing::info!(path = %request.uri().path(), code = %error.code, "azure: request refused");
+            error.into_response()
+        }
+        None => next.run(request).await,
+    };
+    if let Ok(id) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-ms-request-id", id);
+    }
+    response
+}
+
+fn refusal(shared: &Shared, request: &Request) -> Option<ArmError> {
+    let has_api_version = request
+        .uri()
+        .query()
+        .is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "api-version"));
+    if !has_api_version {
+        return Some(ArmError::bad_request(
+            "MissingApiVersionParameter",
+            "The api-version query parameter (?api-version=) is required for all requests.",
+        ));
+    }
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer ") && v.len() > "Bearer ".len());
+    if !bearer {
+        return Some(ArmError::new(
+            StatusCode::UNAUTHORIZED,
+            "AuthenticationFailed",
+            "Authentication failed. The 'Authorization' header is missing or is not a bearer token.",
+        ));
+    }
+    let region = region_of_path(shared, request.uri().path());
+    let mut book = shared.book();
+    let down = match &region {
+        Some(r) => book.api_down(Provider::Azure, r),
+        None => book
+            .outages()
+            .iter()
+            .any(|o| o.provider == Provider::Azure && o.region.is_none() && o.api),
+    };
+    if down {
+        return Some(ArmError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "The service is currently unavailable.",
+        ));
+    }
+    let (_, fault) = book.trigger(|f| matches!(f, Fault::TooManyRequests { .. }))?;
+    let Fault::TooManyRequests {
+        retry_after_seconds,
+    } = fault
+    else {
+        return None;
+    };
+    let mut error = ArmError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "The request is being throttled as the limit has been reached for this operation type. Retry after the time in the Retry-After header.",
+    );
+    error.retry_after = Some(retry_after_seconds);
+    Some(error)
+}
+
+/// The region a request is about: the location of an operation, or of a scale set.
+fn region_of_path(shared: &Shared, path: &str) -> Option<String> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let after = |name: &str| {
+        parts
+            .iter()
+            .position(|p| p.eq_ignore_ascii_case(name))
+            .and_then(|i| parts.get(i + 1))
+            .copied()
+    };
+    if let Some(location) = after("locations") {
+        return Some(location.to_ascii_lowercase());
+    }
+    let key = ScaleSetKey::new(
+        after("subscriptions")?,
+        after("resourceGroups")?,
+        after("virtualMachineScaleSets")?,
+    );
+    shared
+        .azure()
+        .scale_set(&key)
+        .map(|s| s.location.to_ascii_lowercase())
+}
+
+async fn unknown_route() -> ArmError {
+    ArmError::new(
+        StatusCode::NOT_FOUND,
+        "InvalidResourceType",
+        "The simulator does not serve this resource type or action.",
+    )
+}
+
+/// Locks the cloud after finishing the operations that are due.
+fn settled(shared: &Shared) -> std::sync::MutexGuard<'_, AzureCloud> {
+    let mut cloud = shared.azure();
+    let book = shared.book();
+    cloud.advance(Instant::now(), |id| book.is_active(id));
+    drop(book);
+    cloud
+}
+
+fn find<'a>(
+    cloud: &'a AzureCloud,
+    sub: &str,
+    rg: &str,
+    name: &str,
+) -> Result<&'a ScaleSet, ArmError> {
+    cloud
+        .scale_set(&ScaleSetKey::new(sub, rg, name))
+        .ok_or_else(|| ArmError::not_found(SCALE_SET_TYPE, name, rg))
+}
+
+async fn list_scale_sets(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg)): Path<(String, String)>,
+) -> Response {
+    let cloud = settled(&shared);
+    let value: Vec<Value> = cloud
+        .scale_sets()
+        .filter(|s| {
+            s.subscription.eq_ignore_ascii_case(&sub) && s.resource_group.eq_ignore_ascii_case(&rg)
+        })
+        .map(scale_set_json)
+        .collect();
+    axum::Json(json!({ "value": value })).into_response()
+}
+
+async fn get_scale_set(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+) -> Result<Response, ArmError> {
+    let cloud = settled(&shared);
+    Ok(axum::Json(scale_set_json(find(&cloud, &sub, &rg, &name)?)).into_response())
+}
+
+async fn update_scale_set(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Response, ArmError> {
+    let update: Value = serde_json::from_slice(&body).map_err(|e| {
+        ArmError::bad_request(
+            "InvalidRequestContent",
+            format!("The request content was invalid and could not be deserialized: {e}"),
+        )
+    })?;
+    let now = Instant::now();
+    let key = ScaleSetKey::new(&sub, &rg, &name);
+    let mut cloud = settled(&shared);
+    let set = find(&cloud, &sub, &rg, &name)?;
+    if let Some(size) = update.pointer("/sku/name").and_then(Value::as_str)
+        && !size.eq_ignore_ascii_case(&set.sku)
+    {
+        return Err(ArmError::new(
+            StatusCode::CONFLICT,
+            "PropertyChangeNotAllowed",
+            "Changing property 'sku.name' is not allowed by the simulator.",
+        ));
+    }
+    let Some(target) = update.pointer("/sku/capacity").and_then(Value::as_u64) else {
+        // Nothing the simulator models changes: the scale set as it is.
+        return Ok(axum::Json(scale_set_json(set)).into_response());
+    };
+    let target = u32::try_from(target)
+        .map_err(|_| ArmError::bad_request("InvalidParameter", "sku.capacity is too large."))?;
+    let location = set.location.clone();
+    let growth = cloud.zones_for_growth(&key, target);
+    let plan = {
+        let mut book = shared.book();
+        let mut plan = if growth.is_empty() {
+            OperationPlan::default()
+        } else {
+            growth_plan(&mut book, &cloud, find(&cloud, &sub, &rg, &name)?, &growth)?
+        };
+        add_operation_faults(&mut book, &mut plan, &name);
+        plan
+    };
+    let operation = cloud.begin_scale(&key, target, plan, now)?;
+    let retry_after = cloud.retry_after_seconds();
+    let body = scale_set_json(find(&cloud, &sub, &rg, &name)?);
+    drop(cloud);
+    shared.wake_registrar();
+    tracing::info!(scale_set = %name, target, %operation, "azure: capacity update accepted");
+    let mut response = axum::Json(body).into_response();
+    operation_headers(
+        &shared,
+        response.headers_mut(),
+        &sub,
+        &location,
+        &operation,
+        &query,
+        retry_after,
+    );
+    Ok(response)
+}
+
+/// What faults and capacity say about growing `set` by VMs in `zones`: a refusal
+/// now (`Err`), or an operation that will fail.
+fn growth_plan(
+    book: &mut FaultBook,
+    cloud: &AzureCloud,
+    set: &ScaleSet,
+    zones: &[Option<String>],
+) -> Result<OperationPlan, ArmError> {
+    let region = set.location.to_ascii_lowercase();
+    let sku = set.sku.as_str();
+    let mut distinct: Vec<Option<&str>> = zones.iter().map(Option::as_deref).collect();
+    distinct.sort();
+    distinct.dedup();
+    let refused = book.trigger(|f| match f {
+        Fault::SkuNotAvailable {
+            instance_type,
+            region: r,
+            zone,
+        } => {
+            matches(instance_type, sku)
+                && matches(r, &region)
+                && distinct.iter().any(|z| matches_opt(zone, *z))
+        }
+        Fault::OperationNotAllowed {
+            instance_type,
+            region: r,
+        } => matches(instance_type, sku) && matches(r, &region),
+        _ => false,
+    });
+    match refused {
+        Some((_, Fault::SkuNotAvailable { zone, .. })) => {
+            return Err(ArmError::new(
+                StatusCode::CONFLICT,
+                "SkuNotAvailable",
+                format!(
+                    "The requested VM size {sku} is currently not available in location '{region}'{} for subscription '{}'. Please try another size or deploy to a different location or zones.",
+                    zone.map(|z| format!(" zones '{z}'")).unwrap_or_default(),
+                    set.subscription
+                ),
+            ));
+        }
+        Some(_) => {
+            let family = set.shape().map_or("standard", |s| s.family);
+            return Err(ArmError::new(
+                StatusCode::CONFLICT,
+                "OperationNotAllowed",
+                format!(
+                    "Operation could not be completed as it results in exceeding approved {family} Cores quota. Additional details - Deployment Model: Resource Manager, Location: {region}. Please read more about quota limits at https://aka.ms/ComputeQuotaLimits."
+                ),
+            ));
+        }
+        None => {}
+    }
+    let zonal = !set.zones.is_empty();
+    let allocation_failure = |zone: Option<&str>| {
+        if zonal {
+            ArmError::new(
+                StatusCode::OK,
+                "ZonalAllocationFailed",
+                format!(
+                    "Allocation failed. We do not have sufficient capacity for the requested VM size {sku} in zone '{}' of region {region}. Read more about improving likelihood of allocation success at http://aka.ms/allocation-guidance",
+                    zone.unwrap_or("")
+                ),
+            )
+        } else {
+            ArmError::new(
+                StatusCode::OK,
+                "AllocationFailed",
+                format!(
+                    "Allocation failed. We do not have sufficient capacity for the requested VM size {sku} in region {region}. Read more about improving likelihood of allocation success at http://aka.ms/allocation-guidance"
+                ),
+            )
+        }
+    };
+    let mut plan = OperationPlan::default();
+    if let Some((_, Fault::ZonalAllocationFailed { zone, .. })) = book.trigger(|f| match f {
+        Fault::ZonalAllocationFailed {
+            instance_type,
+            region: r,
+            zone,
+        } => {
+            matches(instance_type, sku)
+                && matches(r, &region)
+                && distinct.iter().any(|z| matches_opt(zone, *z))
+        }
+        _ => false,
+    }) {
+        plan.failure = Some(allocation_failure(
+            zone.as_deref().or(distinct.first().copied().flatten()),
+        ));
+        return Ok(plan);
+    }
+    for zone in &distinct {
+        for limit in book.limits_for(Provider::Azure, sku, &region, *zone) {
+            let used = cloud.count_vms(sku, &region, limit.zone.as_deref());
+            let adding = zones
+                .iter()
+                .filter(|z| matches_opt(&limit.zone, z.as_deref()))
+                .count() as u32;
+            if used + adding > limit.limit.unwrap_or(u32::MAX) {
+                plan.failure = Some(allocation_failure(*zone));
+                return Ok(plan);
+            }
+        }
+    }
+    Ok(plan)
+}
+
+/// Faults that shape any long-running operation of `scale_set`: failing or stalling it.
+fn add_operation_faults(book: &mut FaultBook, plan: &mut OperationPlan, scale_set: &str) {
+    if plan.failure.is_none()
+        && let Some((_, Fault::OperationFailed { code, message, .. })) = book.trigger(
+            |f| matches!(f, Fault::OperationFailed { scale_set: s, .. } if names(s, scale_set)),
+        )
+    {
+        plan.failure = Some(ArmError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &code,
+            message
+                .unwrap_or_else(|| "The operation failed (injected by the simulator).".to_string()),
+        ));
+    }
+    if let Some((id, _)) = book
+        .trigger(|f| matches!(f, Fault::OperationStalled { scale_set: s } if names(s, scale_set)))
+    {
+        plan.stalled_by = Some(id);
+    }
+}
+
+/// True when a scale-set filter is absent or names `scale_set` (ARM names ignore case).
+fn names(filter: &Option<String>, scale_set: &str) -> bool {
+    filter
+        .as_deref()
+        .is_none_or(|f| f.eq_ignore_ascii_case(scale_set))
+}
+
+fn operation_url(
+    shared: &Shared,
+    sub: &str,
+    location: &str,
+    kind: &str,
+    id: &str,
+    api_version: &str,
+) -> String {
+    format!(
+        "{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/{kind}/{id}?api-version={api_version}",
+        shared.azure_base
+    )
+}
+
+fn operation_headers(
+    shared: &Shared,
+    headers: &mut HeaderMap,
+    sub: &str,
+    location: &str,
+    operation: &str,
+    query: &HashMap<String, String>,
+    retry_after: u64,
+) {
+    let api_version = query
+        .get("api-version")
+        .map_or("2024-07-01", String::as_str);
+    let location = location.to_ascii_lowercase();
+    let status = operation_url(shared, sub, &location, "operations", operation, api_version);
+    let result = operation_url(
+        shared,
+        sub,
+        &location,
+        "operationResults",
+        operation,
+        api_version,
+    );
+    for (name, value) in [
+        ("azure-asyncoperation", status),
+        ("location", result),
+        ("retry-after", retry_after.to_string()),
+        ("azure-asyncnotification", "Enabled".to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InstanceIds {
+    instance_ids: Vec<String>,
+}
+
+async fn delete_instances(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    Query(query): Params,
+    body: Bytes,
+) -> Result<Response, ArmError> {
+    let ids: InstanceIds = serde_json::from_slice(&body).map_err(|e| {
+        ArmError::bad_request(
+            "InvalidRequestContent",
+            format!("The request content was invalid and could not be deserialized: {e}"),
+        )
+    })?;
+    let key = ScaleSetKey::new(&sub, &rg, &name);
+    let mut cloud = settled(&shared);
+    let location = find(&cloud, &sub, &rg, &name)?.location.clone();
+    let mut plan = OperationPlan::default();
+    add_operation_faults(&mut shared.book(), &mut plan, &name);
+    let operation = cloud.begin_delete_instances(&key, &ids.instance_ids, plan, Instant::now())?;
+    let retry_after = cloud.retry_after_seconds();
+    drop(cloud);
+    shared.wake_registrar();
+    tracing::info!(scale_set = %name, ids = ?ids.instance_ids, %operation, "azure: deleteInstances accepted");
+    let mut response = StatusCode::ACCEPTED.into_response();
+    operation_headers(
+        &shared,
+        response.headers_mut(),
+        &sub,
+        &location,
+        &operation,
+        &query,
+        retry_after,
+    );
+    Ok(response)
+}
+
+async fn list_vms(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg, name)): Path<(String, String, String)>,
+    Query(query): Params,
+) -> Result<Response, ArmError> {
+    let cloud = settled(&shared);
+    let set = find(&cloud, &sub, &rg, &name)?;
+    let expand = expands_instance_view(&query);
+    let value: Vec<Value> = set
+        .vms
+        .values()
+        .map(|vm| vm_json(set, vm, expand))
+        .collect();
+    Ok(axum::Json(json!({ "value": value })).into_response())
+}
+
+async fn get_vm(
+    State(shared): State<Arc<Shared>>,
+    Path((sub, rg, name, id)): Path<(String, String, String, String)>,
+    Query(query): Params,
+) -> Result<Response, ArmError> {
+    let cloud = settled(&shared);
+    let set = find(&cloud, &sub, &rg, &name)?;
+    let vm = id
+        .parse::<u32>()
+        .ok()
+        .and_then(|i| set.vms.get(&i))
+        .ok_or_else(|| {
+            ArmError::not_found(
+                &format!("{SCALE_SET_TYPE}/{name}/virtualMachines"),
+                &id,
+                &rg,
+            )
+        })?;
+    Ok(axum::Json(vm_json(set, vm, expands_instance_view(&query))).into_response())
+}
+
+fn expands_instance_view(query: &HashMap<String, String>) -> bool {
+    query
+        .get("$expand")
+        .is_some_and(|e| e.eq_ignore_ascii_case("instanceView"))
+}
+
+async fn list_skus(State(shared): State<Arc<Shared>>, Query(query): Params) -> Response {
+    let mut regions: Vec<String> = skus::REGIONS.iter().map(|r| r.to_string()).collect();
+    regions.extend(shared.azure().regions());
+    regions.sort();
+    regions.dedup();
+    // `$filter=location eq 'eastus'` is the one filter ARM supports here.
+    let only = query.get("$filter").and_then(|f| {
+        let (_, value) = f.split_once("eq")?;
+        Some(value.trim().trim_matches('\'').to_string())
+    });
+    let book = shared.book();
+    let faults = book.faults().iter().map(|f| &f.fault);
+    axum::Json(skus::resource_skus(&regions, only.as_deref(), faults)).into_response()
+}
+
+async fn operation_status(
+    State(shared): State<Arc<Shared>>,
+    Path((_sub, _location, id)): Path<(String, String, String)>,
+) -> Result<Response, ArmError> {
+    let cloud = settled(&shared);
+    let op = cloud.operation(&id).ok_or_else(|| {
+        ArmError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("Operation {id} was not found."),
+        )
+    })?;
+    let mut body = json!({
+        "name": op.id,
+        "startTime": op.started.to_string(),
+    });
+    match &op.status {
+        OperationStatus::InProgress => body["status"] = json!("InProgress"),
+        OperationStatus::Succeeded => body["status"] = json!("Succeeded"),
+        OperationStatus::Failed(error) => {
+            body["status"] = json!("Failed");
+            body["error"] = error.detail();
+        }
+    }
+    if let Some(ended) = op.ended {
+        body["endTime"] = json!(ended.to_string());
+    }
+    let mut response = axum::Json(body).into_response();
+    if op.status == OperationStatus::InProgress {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(cloud.retry_after_seconds()),
+        );
+    }
+    Ok(response)
+}
+
+async fn operation_result(
+    State(shared): State<Arc<Shared>>,
+    Path((_sub, _location, id)): Path<(String, String, String)>,
+    uri: axum::http::Uri,
+) -> Result<Response, ArmError> {
+    let cloud = settled(&shared);
+    let op = cloud.operation(&id).ok_or_else(|| {
+        ArmError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("Operation {id} was not found."),
+        )
+    })?;
+    match &op.status {
+        OperationStatus::InProgress => {
+            let mut response = StatusCode::ACCEPTED.into_response();
+            let headers = response.headers_mut();
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(cloud.retry_after_seconds()),
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("{}{uri}", shared.azure_base)) {
+                headers.insert(header::LOCATION, v);
+            }
+            Ok(response)
+        }
+        OperationStatus::Failed(error) => {
+            let mut error = error.clone();
+            if error.status.is_success() {
+                error.status = StatusCode::CONFLICT;
+            }
+            Err(error)
+        }
+        OperationStatus::Succeeded => {
+            match op.scale_set.as_ref().and_then(|k| cloud.scale_set(k)) {
+                Some(set) => Ok(axum::Json(scale_set_json(set)).into_response()),
+                None => Ok(StatusCode::NO_CONTENT.into_response()),
+            }
+        }
+    }
+}
+
+/// A scale set as ARM shows it.
+pub fn scale_set_json(set: &ScaleSet) -> Value {
+    let mut body = json!({
+        "id": set.id(),
+        "name": set.name,
+        "type": SCALE_SET_TYPE,
+        "location": set.location,
+        "tags": set.tags,
+        "sku": {"name": set.sku, "tier": "Standard", "capacity": set.capacity},
+        "properties": {
+            "provisioningState": set.provisioning_state,
+            "uniqueId": set.unique_id,
+            "overprovision": false,
+            "singlePlacementGroup": false,
+            "orchestrationMode": "Uniform",
+            "upgradePolicy": {"mode": "Manual"},
+            "timeCreated": set.created.to_string(),
+        },
+    });
+    if !set.zones.is_empty() {
+        body["zones"] = json!(set.zones);
+    }
+    body
+}
+
+/// A scale-set VM as ARM shows it; with `instance_view`, its power state too.
+pub fn vm_json(set: &ScaleSet, vm: &Vm, instance_view: bool) -> Value {
+    let mut properties = json!({
+        "latestModelApplied": true,
+        "vmId": vm.vm_id,
+        "provisioningState": vm.state.provisioning_state(),
+        "hardwareProfile": {"vmSize": set.sku},
+        "osProfile": {"computerName": set.computer_name(vm.instance_id)},
+        "timeCreated": vm.created.to_string(),
+    });
+    if instance_view {
+        let power = match vm.state {
+            cloud::VmState::Creating => ("PowerState/starting", "VM starting"),
+            cloud::VmState::Running => ("PowerState/running", "VM running"),
+            cloud::VmState::Deleting => ("PowerState/stopping", "VM stopping"),
+        };
+        properties["instanceView"] = json!({
+            "statuses": [
+                {
+                    "code": format!("ProvisioningState/{}", vm.state.provisioning_state().to_ascii_lowercase()),
+                    "level": "Info",
+                    "displayStatus": format!("Provisioning {}", vm.state.provisioning_state().to_ascii_lowercase()),
+                },
+                {"code": power.0, "level": "Info", "displayStatus": power.1},
+            ]
+        });
+    }
+    let mut body = json!({
+        "id": format!("{}/virtualMachines/{}", set.id(), vm.instance_id),
+        "name": format!("{}_{}", set.name, vm.instance_id),
+        "type": format!("{SCALE_SET_TYPE}/virtualMachines"),
+        "location": set.location,
+        "instanceId": vm.instance_id.to_string(),
+        "sku": {"name": set.sku, "tier": "Standard"},
+        "properties": properties,
+    });
+    if let Some(zone) = &vm.zone {
+        body["zones"] = json!([zone]);
+    }
+    body
+}

@@ -1,0 +1,390 @@
+//! `outrigger-sim`: the simulated clouds of the local cluster.
+//!
+//!   outrigger-sim serve ...   EC2 proxy (in front of moto), Azure endpoint,
+//!                             control API and node registrar
+//!   outrigger-sim fault ...   inject and clear faults, outages and capacity
+//!                             limits of a running simulator (`hack/cluster fault`)
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use outrigger_crds::Provider;
+use outrigger_tests::faults::CapacityLimit;
+use outrigger_tests::registrar::RegistrarConfig;
+use outrigger_tests::{Simulator, SimulatorConfig};
+use serde_json::{Map, Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "outrigger-sim",
+    version,
+    about = "Simulated AWS and Azure for Outrigger's local cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the EC2 proxy, the Azure endpoint, the control API and the node registrar.
+    Serve(Box<ServeArgs>),
+    /// Change what is broken in a running simulator.
+    Fault(Box<FaultArgs>),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// The moto server the EC2 proxy forwards to.
+    #[arg(
+        long,
+        env = "OUTRIGGER_SIM_MOTO_URL",
+        default_value = "http://127.0.0.1:18080"
+    )]
+    moto_url: String,
+    /// Where the EC2 endpoint listens (AWS_ENDPOINT_URL).
+    #[arg(long, default_value = "127.0.0.1:18081")]
+    ec2_listen: SocketAddr,
+    /// Where the Azure Resource Manager endpoint listens.
+    #[arg(long, default_value = "127.0.0.1:18082")]
+    azure_listen: SocketAddr,
+    /// Where the control API listens (OUTRIGGER_SIM_URL).
+    #[arg(long, default_value = "127.0.0.1:18083")]
+    control_listen: SocketAddr,
+    /// Kubeconfig of the cluster the node registrar registers Nodes in
+    /// (default: KUBECONFIG, then ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Run the clouds only, without registering Nodes.
+    #[arg(long)]
+    no_registrar: bool,
+    /// Seconds from a machine running to its Node appearing.
+    #[arg(long, env = "OUTRIGGER_SIM_BOOT_DELAY", default_value_t = 2.0)]
+    boot_delay: f64,
+    /// Seconds an Azure long-running operation takes.
+    #[arg(
+        long,
+        env = "OUTRIGGER_SIM_AZURE_OPERATION_SECONDS",
+        default_value_t = 1.0
+    )]
+    azure_operation_seconds: f64,
+    /// AWS regions the registrar lists from the start (others once a request uses them).
+    #[arg(long = "aws-region", default_value = "us-east-1")]
+    aws_regions: Vec<String>,
+    /// A capacity limit, PROVIDER/INSTANCE_TYPE/REGION[/ZONE]=LIMIT, e.g.
+    /// aws/p5.48xlarge/us-east-1/us-east-1a=4 or azure/Standard_ND96isr_H100_v5/eastus/1=2.
+    /// Repeatable; OUTRIGGER_SIM_CAPACITY takes a comma-separated list.
+    #[arg(long = "capacity", env = "OUTRIGGER_SIM_CAPACITY", value_delimiter = ',', value_parser = parse_capacity)]
+    capacity: Vec<CapacityLimit>,
+}
+
+#[derive(Args)]
+struct FaultArgs {
+    /// The simulator's control API.
+    #[arg(
+        long,
+        env = "OUTRIGGER_SIM_URL",
+        default_value = "http://127.0.0.1:18083"
+    )]
+    url: String,
+    #[command(subcommand)]
+    action: FaultAction,
+}
+
+#[derive(Subcommand)]
+enum FaultAction {
+    /// Show faults, outages, capacity limits and the Azure scale sets.
+    List,
+    /// Inject a fault: InsufficientInstanceCapacity, VcpuLimitExceeded,
+    /// RequestLimitExceeded, InternalError (aws); SkuNotAvailable,
+    /// ZonalAllocationFailed, OperationNotAllowed, TooManyRequests, OperationFailed,
+    /// OperationStalled (azure); Latency (either, with --provider and --millis).
+    Inject(Inject),
+    /// Clear faults by id, or every fault (of --provider).
+    Clear {
+        ids: Vec<String>,
+        #[arg(long, value_parser = parse_provider)]
+        provider: Option<Provider>,
+    },
+    /// Start an outage: the provider's (region's) Nodes turn NotReady.
+    Outage {
+        #[arg(value_parser = parse_provider)]
+        provider: Provider,
+        #[arg(long)]
+        region: Option<String>,
+        /// The provider's API answers 503 as well.
+        #[arg(long)]
+        api: bool,
+    },
+    /// End outages (of one provider, of one region); their Nodes turn Ready again.
+    Recover {
+        #[arg(value_parser = parse_provider)]
+        provider: Option<Provider>,
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Set a capacity limit: LIMIT instances at most, or `unlimited`.
+    Capacity {
+        #[arg(value_parser = parse_provider)]
+        provider: Provider,
+        instance_type: String,
+        limit: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// AWS: us-east-1a; Azure: 1, 2 or 3.
+        #[arg(long)]
+        zone: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct Inject {
+    fault: String,
+    #[arg(long)]
+    instance_type: Option<String>,
+    #[arg(long)]
+    region: Option<String>,
+    #[arg(long)]
+    zone: Option<String>,
+    /// EC2 action the fault applies to (RequestLimitExceeded, InternalError).
+    #[arg(long)]
+    action: Option<String>,
+    /// Hit only the next N matching requests.
+    #[arg(long)]
+    times: Option<u32>,
+    /// TooManyRequests: seconds in Retry-After.
+    #[arg(long)]
+    retry_after: Option<u64>,
+    /// OperationFailed: the error code of the failed operation.
+    #[arg(long)]
+    code: Option<String>,
+    #[arg(long)]
+    message: Option<String>,
+    /// OperationFailed, OperationStalled: only the operations of this scale set.
+    #[arg(long)]
+    scale_set: Option<String>,
+    /// Latency: which provider.
+    #[arg(long, value_parser = parse_provider)]
+    provider: Option<Provider>,
+    /// Latency: milliseconds added.
+    #[arg(long)]
+    millis: Option<u64>,
+}
+
+fn parse_provider(name: &str) -> Result<Provider, String> {
+    Provider::ALL
+        .into_iter()
+        .find(|p| p.as_str() == name)
+        .ok_or_else(|| format!("{name:?} is not a provider: aws or azure"))
+}
+
+fn parse_capacity(spec: &str) -> Result<CapacityLimit, String> {
+    let usage = "expected PROVIDER/INSTANCE_TYPE/REGION[/ZONE]=LIMIT";
+    let (scope, limit) = spec.split_once('=').ok_or(usage)?;
+    let limit: u32 = limit
+        .trim()
+        .parse()
+        .map_err(|_| format!("{usage}: {limit:?} is not a number"))?;
+    let parts: Vec<&str> = scope.split('/').collect();
+    let provider = parse_provider(parts[0]).map_err(|e| format!("{usage}: {e}"))?;
+    let (instance_type, region, zone) = match parts[1..] {
+        [t, r] => (t, r, None),
+        [t, r, z] => (t, r, Some(z.to_string())),
+        _ => return Err(usage.to_string()),
+    };
+    Ok(CapacityLimit {
+        provider,
+        instance_type: instance_type.to_string(),
+        region: Some(region.to_string()),
+        zone,
+        limit: Some(limit),
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Fault(args) => fault(*args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("outrigger-sim: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let seconds =
+        |s: f64, what: &str| Duration::try_from_secs_f64(s).map_err(|e| format!("{what} {s}: {e}"));
+    let registrar = if args.no_registrar {
+        None
+    } else {
+        Some(RegistrarConfig {
+            client: kube_client(args.kubeconfig.as_deref()).await?,
+            boot_delay: seconds(args.boot_delay, "--boot-delay")?,
+        })
+    };
+    let config = SimulatorConfig {
+        moto_url: args.moto_url,
+        ec2_addr: args.ec2_listen,
+        azure_addr: args.azure_listen,
+        control_addr: args.control_listen,
+        azure_operation_time: seconds(args.azure_operation_seconds, "--azure-operation-seconds")?,
+        aws_regions: args.aws_regions,
+        capacity: args.capacity,
+        registrar,
+    };
+    let sim = Simulator::start(config).await.map_err(|e| e.to_string())?;
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    sim.stop().await;
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    let failed = |e: &dyn std::fmt::Display| {
+        format!(
+            "failed to connect the node registrar to a cluster ({e}); pass --kubeconfig, or --no-registrar to run without one"
+        )
+    };
+    match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path).map_err(|e| failed(&e))?;
+            let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| failed(&e))?;
+            kube::Client::try_from(config).map_err(|e| failed(&e))
+        }
+        None => kube::Client::try_default().await.map_err(|e| failed(&e)),
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn fault(args: FaultArgs) -> Result<(), String> {
+    let base = args.url.trim_end_matches('/');
+    let http = reqwest::Client::new();
+    let request = match args.action {
+        FaultAction::List => http.get(format!("{base}/state")),
+        FaultAction::Inject(inject) => http
+            .post(format!("{base}/faults"))
+            .json(&inject_body(inject)),
+        FaultAction::Clear { ids, provider } if ids.is_empty() => {
+            let query: Vec<(&str, String)> = provider
+                .map(|p| ("provider", p.to_string()))
+                .into_iter()
+                .collect();
+            http.delete(format!("{base}/faults")).query(&query)
+        }
+        FaultAction::Clear { ids, .. } => {
+            for id in &ids[..ids.len() - 1] {
+                send(http.delete(format!("{base}/faults/{id}"))).await?;
+            }
+            http.delete(format!("{base}/faults/{}", ids[ids.len() - 1]))
+        }
+        FaultAction::Outage {
+            provider,
+            region,
+            api,
+        } => http
+            .post(format!("{base}/outage"))
+            .json(&json!({"provider": provider, "region": region, "api": api})),
+        FaultAction::Recover { provider, region } => {
+            let mut query: Vec<(&str, String)> = Vec::new();
+            query.extend(provider.map(|p| ("provider", p.to_string())));
+            query.extend(region.map(|r| ("region", r)));
+            http.delete(format!("{base}/outage")).query(&query)
+        }
+        FaultAction::Capacity {
+            provider,
+            instance_type,
+            limit,
+            region,
+            zone,
+        } => {
+            let limit: Option<u32> = match limit.as_str() {
+                "unlimited" | "none" => None,
+                n => Some(
+                    n.parse()
+                        .map_err(|_| format!("limit {n:?} is not a number or `unlimited`"))?,
+                ),
+            };
+            http.put(format!("{base}/capacity")).json(&json!({
+                "provider": provider, "instanceType": instance_type,
+                "region": region, "zone": zone, "limit": limit,
+            }))
+        }
+    };
+    send(request).await
+}
+
+/// The JSON of `POST /faults`: the fault's name and the flags given, camelCase.
+fn inject_body(inject: Inject) -> Value {
+    let mut body = Map::new();
+    body.insert("fault".into(), json!(inject.fault));
+    let fields: [(&str, Option<Value>); 11] = [
+        ("instanceType", inject.instance_type.map(Value::from)),
+        ("region", inject.region.map(Value::from)),
+        ("zone", inject.zone.map(Value::from)),
+        ("action", inject.action.map(Value::from)),
+        ("times", inject.times.map(Value::from)),
+        ("retryAfterSeconds", inject.retry_after.map(Value::from)),
+        ("code", inject.code.map(Value::from)),
+        ("message", inject.message.map(Value::from)),
+        ("scaleSet", inject.scale_set.map(Value::from)),
+        ("provider", inject.provider.map(|p| Value::from(p.as_str()))),
+        ("millis", inject.millis.map(Value::from)),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value {
+            body.insert(name.into(), v);
+        }
+    }
+    Value::Object(body)
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Result<(), String> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("failed to reach the simulator's control API ({e}); is the cluster up (hack/cluster status)?"))?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    let shown = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or(text);
+    if status.is_success() {
+        println!("{shown}");
+        Ok(())
+    } else {
+        Err(format!("{status}: {shown}"))
+    }
+}
