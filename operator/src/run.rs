@@ -60,13 +60,19 @@ pub enum RunError {
     },
     #[error("lost the leader Lease ({0}); stopped to let another replica lead")]
     LostLease(String),
+    #[error("--identity {0:?} is not valid in an HTTP header; use letters, digits, '-' and '.'")]
+    Identity(String),
     #[error("the controllers stopped unexpectedly")]
     Stopped,
 }
 
 pub async fn run(args: &RunArgs) -> Result<(), RunError> {
     telemetry::init_logs(args.log_format);
-    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger".to_string());
+        format!("{host}-{}", std::process::id())
+    });
+    let client = client(&identity).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -84,10 +90,6 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         },
     ));
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outrigger".to_string());
-        format!("{host}-{}", std::process::id())
-    });
     let elector = Elector::new(
         client.clone(),
         &args.lease_namespace,
@@ -141,6 +143,20 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         }
         _ = &mut controllers => Err(RunError::Stopped),
     }
+}
+
+/// A client from the kubeconfig or the in-cluster config, that names itself
+/// `outrigger/<version> <identity>` so audit logs tell its writes apart.
+async fn client(identity: &str) -> Result<Client, RunError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_str(&format!("outrigger/{} {identity}", env!("CARGO_PKG_VERSION")))
+            .map_err(|_| RunError::Identity(identity.to_string()))?,
+    ));
+    Client::try_from(config).map_err(RunError::Client)
 }
 
 async fn shutdown_signal() {

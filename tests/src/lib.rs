@@ -20,3 +20,4 @@ pub mod registrar;
 mod simulator;
 
 pub use simulator::{Simulator, SimulatorConfig, StartError};
+pub mod e2e;
