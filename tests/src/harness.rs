@@ -2,6 +2,7 @@
 //! deadline, and whether the cluster tests should run.
 
 use std::future::Future;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -136,8 +137,10 @@ where
 pub fn e2e_requested(test: &str) -> bool {
     let on = std::env::var("OUTRIGGER_E2E").is_ok_and(|v| v == "1");
     if !on {
-        eprintln!(
-            "skipping {test}: it needs the local cluster. Run `hack/cluster up`, then `OUTRIGGER_E2E=1 cargo test -p outrigger-tests` (or `make test`)."
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping {test}: it needs the local cluster. Run `hack/cluster up` and `eval \"$(hack/cluster env)\"`, then `OUTRIGGER_E2E=1 cargo test -p outrigger-tests` (or `make test`)."
         );
     }
     on
