@@ -69,6 +69,8 @@ start_outrigger_sim() {
     exe="$(sim_binary)" || return 1
     # `hack/cluster fault` runs the same binary.
     echo "$exe" >"$RUN/outrigger-sim.bin"
+    # outrigger-sim reads OUTRIGGER_SIM_CAPACITY itself; set but empty means none.
+    [[ -n "${OUTRIGGER_SIM_CAPACITY:-}" ]] || unset OUTRIGGER_SIM_CAPACITY
     spawn outrigger-sim "$exe" serve \
         --moto-url "http://$HOST:$SIM_MOTO_PORT" \
         --ec2-listen "$HOST:$SIM_EC2_PORT" \
