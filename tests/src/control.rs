@@ -29,7 +29,7 @@ use outrigger_crds::Provider;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::azure::cloud::{ScaleSetFixture, ScaleSetKey};
+use crate::azure::scale_set::{ScaleSetFixture, ScaleSetKey};
 use crate::faults::{CapacityLimit, Fault, Outage};
 use crate::simulator::Shared;
 
@@ -219,7 +219,9 @@ async fn create_scale_set(
     cloud
         .create_scale_set(fixture, Instant::now())
         .map_err(|e| ControlError(e.status, e.message))?;
-    let body = cloud.scale_set(&key).map(crate::azure::scale_set_json);
+    let body = cloud
+        .scale_set(&key)
+        .map(crate::azure::resources::scale_set_json);
     drop(cloud);
     shared.wake_registrar();
     Ok((StatusCode::CREATED, Json(json!(body))))

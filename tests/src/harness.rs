@@ -227,7 +227,7 @@ impl Control {
         .await;
     }
 
-    /// Creates a scale set from a fixture (see `azure::cloud::ScaleSetFixture`).
+    /// Creates a scale set from a fixture (see `azure::scale_set::ScaleSetFixture`).
     pub async fn create_scale_set(&self, fixture: serde_json::Value) {
         self.call(reqwest::Method::POST, "/azure/scalesets", Some(fixture))
             .await;

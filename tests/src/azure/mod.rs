@@ -16,6 +16,9 @@
 
 pub mod cloud;
 pub mod error;
+mod plan;
+pub mod resources;
+pub mod scale_set;
 pub mod skus;
 
 use std::collections::HashMap;
@@ -32,12 +35,14 @@ use axum::routing::{get, post};
 use outrigger_crds::Provider;
 use serde_json::{Value, json};
 
-use crate::faults::{Fault, FaultBook, matches, matches_opt};
+use crate::faults::Fault;
 use crate::simulator::Shared;
-use cloud::{AzureCloud, OperationPlan, OperationStatus, ScaleSet, ScaleSetKey, Vm};
+use cloud::{AzureCloud, OperationPlan, OperationStatus};
 use error::ArmError;
+use plan::{add_operation_faults, growth_plan};
+use resources::{SCALE_SET_TYPE, scale_set_json, vm_json};
+use scale_set::{ScaleSet, ScaleSetKey};
 
-const SCALE_SET_TYPE: &str = "Microsoft.Compute/virtualMachineScaleSets";
 const SCALE_SETS: &str =
     "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets";
 const LOCATIONS: &str = "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}";
@@ -294,142 +299,6 @@ async fn update_scale_set(
     Ok(response)
 }
 
-/// What faults and capacity say about growing `set` by VMs in `zones`: a refusal
-/// now (`Err`), or an operation that will fail.
-fn growth_plan(
-    book: &mut FaultBook,
-    cloud: &AzureCloud,
-    set: &ScaleSet,
-    zones: &[Option<String>],
-) -> Result<OperationPlan, ArmError> {
-    let region = set.location.to_ascii_lowercase();
-    let sku = set.sku.as_str();
-    let mut distinct: Vec<Option<&str>> = zones.iter().map(Option::as_deref).collect();
-    distinct.sort();
-    distinct.dedup();
-    let refused = book.trigger(|f| match f {
-        Fault::SkuNotAvailable {
-            instance_type,
-            region: r,
-            zone,
-        } => {
-            matches(instance_type, sku)
-                && matches(r, &region)
-                && distinct.iter().any(|z| matches_opt(zone, *z))
-        }
-        Fault::OperationNotAllowed {
-            instance_type,
-            region: r,
-        } => matches(instance_type, sku) && matches(r, &region),
-        _ => false,
-    });
-    match refused {
-        Some((_, Fault::SkuNotAvailable { zone, .. })) => {
-            return Err(ArmError::new(
-                StatusCode::CONFLICT,
-                "SkuNotAvailable",
-                format!(
-                    "The requested VM size {sku} is currently not available in location '{region}'{} for subscription '{}'. Please try another size or deploy to a different location or zones.",
-                    zone.map(|z| format!(" zones '{z}'")).unwrap_or_default(),
-                    set.subscription
-                ),
-            ));
-        }
-        Some(_) => {
-            let family = set.shape().map_or("standard", |s| s.family);
-            return Err(ArmError::new(
-                StatusCode::CONFLICT,
-                "OperationNotAllowed",
-                format!(
-                    "Operation could not be completed as it results in exceeding approved {family} Cores quota. Additional details - Deployment Model: Resource Manager, Location: {region}. Please read more about quota limits at https://aka.ms/ComputeQuotaLimits."
-                ),
-            ));
-        }
-        None => {}
-    }
-    let zonal = !set.zones.is_empty();
-    let allocation_failure = |zone: Option<&str>| {
-        if zonal {
-            ArmError::new(
-                StatusCode::OK,
-                "ZonalAllocationFailed",
-                format!(
-                    "Allocation failed. We do not have sufficient capacity for the requested VM size {sku} in zone '{}' of region {region}. Read more about improving likelihood of allocation success at http://aka.ms/allocation-guidance",
-                    zone.unwrap_or("")
-                ),
-            )
-        } else {
-            ArmError::new(
-                StatusCode::OK,
-                "AllocationFailed",
-                format!(
-                    "Allocation failed. We do not have sufficient capacity for the requested VM size {sku} in region {region}. Read more about improving likelihood of allocation success at http://aka.ms/allocation-guidance"
-                ),
-            )
-        }
-    };
-    let mut plan = OperationPlan::default();
-    if let Some((_, Fault::ZonalAllocationFailed { zone, .. })) = book.trigger(|f| match f {
-        Fault::ZonalAllocationFailed {
-            instance_type,
-            region: r,
-            zone,
-        } => {
-            matches(instance_type, sku)
-                && matches(r, &region)
-                && distinct.iter().any(|z| matches_opt(zone, *z))
-        }
-        _ => false,
-    }) {
-        plan.failure = Some(allocation_failure(
-            zone.as_deref().or(distinct.first().copied().flatten()),
-        ));
-        return Ok(plan);
-    }
-    for zone in &distinct {
-        for limit in book.limits_for(Provider::Azure, sku, &region, *zone) {
-            let used = cloud.count_vms(sku, &region, limit.zone.as_deref());
-            let adding = zones
-                .iter()
-                .filter(|z| matches_opt(&limit.zone, z.as_deref()))
-                .count() as u32;
-            if used + adding > limit.limit.unwrap_or(u32::MAX) {
-                plan.failure = Some(allocation_failure(*zone));
-                return Ok(plan);
-            }
-        }
-    }
-    Ok(plan)
-}
-
-/// Faults that shape any long-running operation of `scale_set`: failing or stalling it.
-fn add_operation_faults(book: &mut FaultBook, plan: &mut OperationPlan, scale_set: &str) {
-    if plan.failure.is_none()
-        && let Some((_, Fault::OperationFailed { code, message, .. })) = book.trigger(
-            |f| matches!(f, Fault::OperationFailed { scale_set: s, .. } if names(s, scale_set)),
-        )
-    {
-        plan.failure = Some(ArmError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &code,
-            message
-                .unwrap_or_else(|| "The operation failed (injected by the simulator).".to_string()),
-        ));
-    }
-    if let Some((id, _)) = book
-        .trigger(|f| matches!(f, Fault::OperationStalled { scale_set: s } if names(s, scale_set)))
-    {
-        plan.stalled_by = Some(id);
-    }
-}
-
-/// True when a scale-set filter is absent or names `scale_set` (ARM names ignore case).
-fn names(filter: &Option<String>, scale_set: &str) -> bool {
-    filter
-        .as_deref()
-        .is_none_or(|f| f.eq_ignore_ascii_case(scale_set))
-}
-
 fn operation_url(
     shared: &Shared,
     sub: &str,
@@ -654,71 +523,4 @@ async fn operation_result(
             }
         }
     }
-}
-
-/// A scale set as ARM shows it.
-pub fn scale_set_json(set: &ScaleSet) -> Value {
-    let mut body = json!({
-        "id": set.id(),
-        "name": set.name,
-        "type": SCALE_SET_TYPE,
-        "location": set.location,
-        "tags": set.tags,
-        "sku": {"name": set.sku, "tier": "Standard", "capacity": set.capacity},
-        "properties": {
-            "provisioningState": set.provisioning_state,
-            "uniqueId": set.unique_id,
-            "overprovision": false,
-            "singlePlacementGroup": false,
-            "orchestrationMode": "Uniform",
-            "upgradePolicy": {"mode": "Manual"},
-            "timeCreated": set.created.to_string(),
-        },
-    });
-    if !set.zones.is_empty() {
-        body["zones"] = json!(set.zones);
-    }
-    body
-}
-
-/// A scale-set VM as ARM shows it; with `instance_view`, its power state too.
-pub fn vm_json(set: &ScaleSet, vm: &Vm, instance_view: bool) -> Value {
-    let mut properties = json!({
-        "latestModelApplied": true,
-        "vmId": vm.vm_id,
-        "provisioningState": vm.state.provisioning_state(),
-        "hardwareProfile": {"vmSize": set.sku},
-        "osProfile": {"computerName": set.computer_name(vm.instance_id)},
-        "timeCreated": vm.created.to_string(),
-    });
-    if instance_view {
-        let power = match vm.state {
-            cloud::VmState::Creating => ("PowerState/starting", "VM starting"),
-            cloud::VmState::Running => ("PowerState/running", "VM running"),
-            cloud::VmState::Deleting => ("PowerState/stopping", "VM stopping"),
-        };
-        properties["instanceView"] = json!({
-            "statuses": [
-                {
-                    "code": format!("ProvisioningState/{}", vm.state.provisioning_state().to_ascii_lowercase()),
-                    "level": "Info",
-                    "displayStatus": format!("Provisioning {}", vm.state.provisioning_state().to_ascii_lowercase()),
-                },
-                {"code": power.0, "level": "Info", "displayStatus": power.1},
-            ]
-        });
-    }
-    let mut body = json!({
-        "id": format!("{}/virtualMachines/{}", set.id(), vm.instance_id),
-        "name": format!("{}_{}", set.name, vm.instance_id),
-        "type": format!("{SCALE_SET_TYPE}/virtualMachines"),
-        "location": set.location,
-        "instanceId": vm.instance_id.to_string(),
-        "sku": {"name": set.sku, "tier": "Standard"},
-        "properties": properties,
-    });
-    if let Some(zone) = &vm.zone {
-        body["zones"] = json!([zone]);
-    }
-    body
 }
