@@ -7,10 +7,11 @@ export CARGO_BUILD_JOBS ?= 2
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 EXAMPLES := $(sort $(wildcard examples/*.yaml))
 
-.PHONY: test fmt-check clippy unit crds demo bench build cluster-up cluster-down
+.PHONY: test fmt-check clippy unit e2e chart-check e2e-as-sa tools crds demo bench build cluster-up cluster-down
 
-## test: formatting, lints and every test
-test: fmt-check clippy unit
+## test: formatting, lints, unit and property tests, then the end-to-end tests on a
+## fresh local cluster (built on first use; see docs/local-cluster.md)
+test: fmt-check clippy unit e2e
 
 fmt-check:
 	cargo fmt --all --check
@@ -23,6 +24,24 @@ unit:
 
 build:
 	cargo build --locked -p outrigger
+
+## tools: the pinned upstream Kubernetes tools, cached under ~/.cache/outrigger/tools
+tools:
+	hack/tools/install.sh
+
+## e2e: a fresh local cluster with the simulators, the operator tests, then down
+e2e: tools
+	hack/e2e --test operator --test leader
+
+## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
+## API server and the CRDs), helm install into a restricted namespace (own cluster)
+chart-check:
+	hack/chart-check
+
+## e2e-as-sa: the operator e2e tests with the operator authenticated as the chart's
+## ServiceAccount (a TokenRequest token in a kubeconfig), so its RBAC is proven enough
+e2e-as-sa:
+	hack/e2e-as-sa --test operator --test leader
 
 ## crds: regenerate crds/*.yaml from the Rust types
 crds: build

@@ -93,9 +93,11 @@ impl TestNamespace {
     pub async fn delete(mut self) {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let _ = api.delete(&self.name, &DeleteParams::background()).await;
-        wait_for(&format!("namespace {} gone", self.name), Duration::from_secs(120), || async {
-            matches!(api.get_opt(&self.name).await, Ok(None)).then_some(())
-        })
+        wait_for(
+            &format!("namespace {} gone", self.name),
+            Duration::from_secs(120),
+            || async { matches!(api.get_opt(&self.name).await, Ok(None)).then_some(()) },
+        )
         .await;
         self.name.clear();
     }
@@ -106,7 +108,13 @@ impl Drop for TestNamespace {
     fn drop(&mut self) {
         if !self.name.is_empty() {
             let _ = std::process::Command::new("kubectl")
-                .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+                .args([
+                    "delete",
+                    "namespace",
+                    &self.name,
+                    "--wait=false",
+                    "--ignore-not-found",
+                ])
                 .output();
         }
     }
@@ -277,7 +285,13 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         for name in &self.pools {
             let _ = std::process::Command::new("kubectl")
-                .args(["delete", "gpunodepool", name, "--wait=false", "--ignore-not-found"])
+                .args([
+                    "delete",
+                    "gpunodepool",
+                    name,
+                    "--wait=false",
+                    "--ignore-not-found",
+                ])
                 .output();
         }
         for (_, name) in &self.nodes {
@@ -313,6 +327,8 @@ pub struct Operator {
     pub identity: String,
     pub metrics_url: String,
     pub log: PathBuf,
+    /// Where the audit log ended when it started (for the ServiceAccount check).
+    audit_from: u64,
 }
 
 impl Operator {
@@ -324,7 +340,13 @@ impl Operator {
             .port();
         let log = std::env::temp_dir().join(format!("outrigger-{identity}-{}.log", suffix()));
         let file = std::fs::File::create(&log).expect("operator log file");
-        let child = tokio::process::Command::new(operator_binary())
+        let mut command = tokio::process::Command::new(operator_binary());
+        // OUTRIGGER_E2E_AS_SA=1: with only the chart's RBAC, not the caller's admin.
+        if let Some(kubeconfig) = crate::service_account::kubeconfig() {
+            command.env("KUBECONFIG", kubeconfig);
+        }
+        let audit_from = audit_log_len();
+        let child = command
             .arg("run")
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{port}"))
@@ -348,6 +370,7 @@ impl Operator {
             identity: identity.to_string(),
             metrics_url: format!("http://127.0.0.1:{port}/metrics"),
             log,
+            audit_from,
         };
         wait_for(
             "the operator to serve /healthz",
@@ -398,7 +421,8 @@ impl Operator {
         self.child.id()
     }
 
-    /// SIGTERM, then wait for it to exit (it releases the Lease).
+    /// SIGTERM, then wait for it to exit (it releases the Lease). As the chart's
+    /// ServiceAccount, fails if the API server refused any of its writes.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
@@ -411,6 +435,14 @@ impl Operator {
             .is_err()
         {
             let _ = self.child.kill().await;
+        }
+        if crate::service_account::enabled() {
+            let refused = crate::service_account::forbidden_since(self.audit_from);
+            assert!(
+                refused.is_empty(),
+                "the API server refused requests of {} (charts/outrigger/rbac-rules.yaml does not allow them): {refused:?}",
+                crate::service_account::username()
+            );
         }
     }
 
