@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod children;
+mod cloud;
 mod controller;
 mod crdgen;
 mod inputs;
@@ -14,6 +15,7 @@ mod labels;
 mod leader;
 mod plan;
 mod run;
+mod scaling;
 mod status;
 mod telemetry;
 mod validate;
@@ -33,7 +35,7 @@ enum Command {
     /// Preview placements offline: plan the ModelDeployments in the files onto their GpuNodePools.
     Plan(plan::PlanArgs),
     /// Run the operator: watch ModelDeployments and keep their replicas placed.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
 }
 
 fn main() -> ExitCode {

@@ -22,7 +22,9 @@ use kube::{Client, Resource};
 use outrigger_crds::{GpuNodePool, ModelDeployment};
 use tokio::sync::watch;
 
-use crate::controller::{Context, Stores, model_deployment, pool};
+use crate::cloud::metered::{self, Metered};
+use crate::cloud::{CloudProvider, Clouds, aws, azure};
+use crate::controller::{Context, Stores, model_deployment, pool, scaler};
 use crate::leader::Elector;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 use crate::{inventory, labels};
@@ -47,6 +49,84 @@ pub struct RunArgs {
     /// This replica's name in the Lease (default: the pod name, or host and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    cloud: CloudArgs,
+}
+
+/// How Outrigger reaches the clouds and paces scaling (docs/cloud.md).
+#[derive(clap::Args, Debug)]
+pub struct CloudArgs {
+    /// The `outrigger.dev/cluster` tag on the EC2 instances this cluster launches;
+    /// only instances with it are listed, scaled and released.
+    #[arg(long, env = "OUTRIGGER_CLUSTER_NAME", default_value = "outrigger")]
+    cluster_name: String,
+    /// Another EC2 endpoint (the simulator); credentials still come from the
+    /// standard AWS chain.
+    #[arg(long)]
+    aws_endpoint_url: Option<String>,
+    /// One AWS region for every pool (default: each pool's spec.region).
+    #[arg(long)]
+    aws_region: Option<String>,
+    /// Another Azure Resource Manager endpoint (the simulator).
+    #[arg(long)]
+    azure_endpoint_url: Option<String>,
+    /// A fixed Azure bearer token (the simulator); without it, a client secret or
+    /// workload identity from the AZURE_* environment.
+    #[arg(long, env = "OUTRIGGER_AZURE_TOKEN", hide_env_values = true)]
+    azure_token: Option<String>,
+    /// Seconds an Azure long-running operation may take before it counts as failed.
+    #[arg(long, default_value_t = 600)]
+    azure_operation_timeout_seconds: u64,
+    /// Seconds a node must stay empty before it is returned to the cloud.
+    #[arg(long, default_value_t = 300)]
+    scale_down_after_seconds: u64,
+    /// Seconds an instance may take to become a Node before it counts as leaked
+    /// and is terminated.
+    #[arg(long, default_value_t = 900)]
+    instance_boot_grace_seconds: u64,
+}
+
+impl CloudArgs {
+    async fn clouds(&self, metrics: &Arc<Metrics>) -> Clouds {
+        let operation_timeout = Duration::from_secs(self.azure_operation_timeout_seconds);
+        let policy = metered::Policy {
+            operation_timeout: operation_timeout + Duration::from_secs(30),
+            ..metered::Policy::default()
+        };
+        let aws = aws::Aws::new(aws::AwsSettings {
+            endpoint_url: self.aws_endpoint_url.clone(),
+            region: self.aws_region.clone(),
+            cluster: self.cluster_name.clone(),
+        })
+        .await;
+        let azure = match azure::Azure::new(&azure::AzureSettings {
+            endpoint_url: self.azure_endpoint_url.clone(),
+            static_token: self.azure_token.clone(),
+            operation_timeout,
+        }) {
+            Ok(a) => {
+                Some(Arc::new(Metered::new(a, metrics.clone(), policy)) as Arc<dyn CloudProvider>)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no Azure credentials: Azure pools will not scale");
+                None
+            }
+        };
+        Clouds {
+            aws: Some(Arc::new(Metered::new(aws, metrics.clone(), policy))),
+            azure,
+        }
+    }
+
+    fn scaler(&self) -> scaler::Scaler {
+        scaler::Scaler {
+            settings: scaler::Settings {
+                cooldown: Duration::from_secs(self.scale_down_after_seconds),
+                boot_grace: Duration::from_secs(self.instance_boot_grace_seconds),
+            },
+            memory: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,12 +187,14 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
     }
     metrics.leader.set(1);
 
+    let clouds = args.cloud.clouds(&metrics).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut controllers = tokio::spawn(run_controllers(
         client,
         metrics.clone(),
         ready,
         identity,
+        (clouds, args.cloud.scaler()),
         stop_rx,
     ));
     let lost = async {
@@ -153,8 +235,11 @@ async fn client(identity: &str) -> Result<Client, RunError> {
         .map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
     config.headers.push((
         axum::http::header::USER_AGENT,
-        axum::http::HeaderValue::from_str(&format!("outrigger/{} {identity}", env!("CARGO_PKG_VERSION")))
-            .map_err(|_| RunError::Identity(identity.to_string()))?,
+        axum::http::HeaderValue::from_str(&format!(
+            "outrigger/{} {identity}",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .map_err(|_| RunError::Identity(identity.to_string()))?,
     ));
     Client::try_from(config).map_err(RunError::Client)
 }
@@ -253,9 +338,16 @@ fn pod_fingerprint(pod: &Pod) -> u64 {
     hash_of((node, phase, inventory::pod_gpus(pod)))
 }
 
-/// A pool's spec and status both matter (status carries Ready and CapacityAvailable).
+/// A pool's spec and its conditions matter (Ready, CapacityAvailable); its counts,
+/// which change with every pod, do not.
 fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
-    hash_of(serde_json::to_string(pool).unwrap_or_default())
+    let conditions: Vec<(&str, &str, &str)> = pool
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    hash_of((serde_json::to_string(&pool.spec).unwrap_or_default(), conditions))
 }
 
 /// A stream that yields once per change of `rx`, coalescing bursts.
@@ -271,10 +363,14 @@ async fn run_controllers(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     identity: String,
+    (clouds, scaler): (Clouds, scaler::Scaler),
     stop: watch::Receiver<bool>,
 ) {
     let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+    // Node and pool changes can change any plan; pod changes only change GPU counts,
+    // which the pool controllers report (a plan sees them on its next pass).
     let (changed, _) = watch::channel(0u64);
+    let (usage, _) = watch::channel(0u64);
     let stores = Stores {
         pools: mirror(
             Api::all(client.clone()),
@@ -289,7 +385,7 @@ async fn run_controllers(
         pods: mirror(
             Api::all(client.clone()),
             watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
-            Some((changed.clone(), pod_fingerprint)),
+            Some((usage.clone(), pod_fingerprint)),
         ),
         deployments: mirror(
             Api::<Deployment>::all(client.clone()),
@@ -344,6 +440,8 @@ async fn run_controllers(
             },
         ),
         failovers: Default::default(),
+        clouds,
+        scaler,
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -367,11 +465,23 @@ async fn run_controllers(
         ctx.clone(),
     )
     .for_each(|_| futures::future::ready(()));
-    let pools = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
+    let pools = Controller::new(
+        Api::<GpuNodePool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .reconcile_all_on(pokes(changed.subscribe()))
+    .reconcile_all_on(pokes(usage.subscribe()))
+    .with_config(config)
+    .graceful_shutdown_on(stopped(stop.clone()))
+    .run(pool::reconcile, pool::error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    // Pools scale independently, and one may wait minutes on an Azure operation.
+    let scalers = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
         .reconcile_all_on(pokes(changed.subscribe()))
-        .with_config(config)
+        .reconcile_all_on(pokes(usage.subscribe()))
+        .with_config(controller::Config::default().concurrency(8))
         .graceful_shutdown_on(stopped(stop))
-        .run(pool::reconcile, pool::error_policy, ctx)
+        .run(scaler::reconcile, scaler::error_policy, ctx)
         .for_each(|_| futures::future::ready(()));
-    tokio::join!(deployments, pools);
+    tokio::join!(deployments, pools, scalers);
 }

@@ -53,6 +53,19 @@ pub struct ReplicaLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloudLabels {
+    pub provider: String,
+    pub operation: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloudOperationLabels {
+    pub provider: String,
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     pub resource: String,
     pub verb: String,
@@ -67,6 +80,8 @@ pub struct Metrics {
     pub failover_seconds: Histogram,
     pub api_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
+    pub cloud_requests: Family<CloudLabels, Counter>,
+    pub cloud_request_duration: Family<CloudOperationLabels, Histogram>,
 }
 
 impl Metrics {
@@ -83,6 +98,12 @@ impl Metrics {
         let failover_seconds = Histogram::new(exponential_buckets(0.5, 2.0, 12));
         let api_writes = Family::<WriteLabels, Counter>::default();
         let leader = Gauge::default();
+        let cloud_requests = Family::<CloudLabels, Counter>::default();
+        // Lists take tens of milliseconds; Azure scale-set operations take minutes.
+        let cloud_request_duration =
+            Family::<CloudOperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 2.0, 16))
+            });
         registry.register(
             "reconcile_duration_seconds",
             "Time one reconcile took",
@@ -113,8 +134,20 @@ impl Metrics {
             "1 while this process holds the leader Lease",
             leader.clone(),
         );
+        registry.register(
+            "cloud_requests",
+            "Cloud API attempts, by provider, operation and result (ok or the error kind)",
+            cloud_requests.clone(),
+        );
+        registry.register(
+            "cloud_request_duration_seconds",
+            "Time one cloud API attempt took, long-running operation included",
+            cloud_request_duration.clone(),
+        );
         Metrics {
             registry,
+            cloud_requests,
+            cloud_request_duration,
             reconcile_duration,
             reconcile_errors,
             replicas,
@@ -122,6 +155,36 @@ impl Metrics {
             api_writes,
             leader,
         }
+    }
+
+    /// Counts and times one cloud API attempt.
+    pub fn cloud_request(
+        &self,
+        provider: &str,
+        operation: &str,
+        result: &str,
+        took: std::time::Duration,
+    ) {
+        self.cloud_requests
+            .get_or_create(&CloudLabels {
+                provider: provider.to_string(),
+                operation: operation.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        self.cloud_request_duration
+            .get_or_create(&CloudOperationLabels {
+                provider: provider.to_string(),
+                operation: operation.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
     }
 
     pub fn wrote(&self, resource: &str, verb: &str) {
@@ -178,9 +241,8 @@ pub struct Health {
 }
 
 async fn metrics(State(health): State<Health>) -> (StatusCode, String) {
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &health.metrics.registry) {
-        Ok(()) => (StatusCode::OK, text),
+    match health.metrics.encode() {
+        Ok(text) => (StatusCode::OK, text),
         Err(_) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "failed to encode metrics".into(),

@@ -14,11 +14,13 @@ use kube::runtime::reflector::Store;
 use outrigger_crds::GpuNodePool;
 use tokio::sync::Mutex;
 
+use crate::cloud::{CloudError, Clouds};
 use crate::inventory::{Inventory, Key};
 use crate::telemetry::Metrics;
 
 pub mod model_deployment;
 pub mod pool;
+pub mod scaler;
 
 /// Caches of everything the controllers read; they never list on a reconcile.
 #[derive(Clone)]
@@ -51,6 +53,9 @@ pub struct Context {
     /// ModelDeployments moving off a lost pool, and since when its nodes were lost,
     /// until every replacement is Ready.
     pub failovers: Mutex<HashMap<Key, Timestamp>>,
+    /// The clouds scalable pools grow in.
+    pub clouds: Clouds,
+    pub scaler: scaler::Scaler,
 }
 
 /// Why a reconcile failed; `category` labels metrics.
@@ -70,6 +75,12 @@ pub enum Error {
     },
     #[error("failed to write the status of {name}: {source}")]
     Status { name: String, source: kube::Error },
+    #[error("failed to scale pool {pool}: {source}")]
+    Cloud { pool: String, source: CloudError },
+    #[error("failed to release pool {pool}: {running} instances still running")]
+    Releasing { pool: String, running: usize },
+    #[error("failed to update the finalizer: {0}")]
+    Finalizer(String),
 }
 
 impl Error {
@@ -78,6 +89,9 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Delete { .. } => "delete",
             Error::Status { .. } => "status",
+            Error::Cloud { source, .. } => source.category(),
+            Error::Releasing { .. } => "releasing",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }

@@ -1,0 +1,240 @@
+//! The scaler's decisions, pure: how many nodes the current plans need in a pool,
+//! which nodes to cordon and return, which instances are leaks, and the capacity
+//! backoff that the pool's `CapacityAvailable` condition carries across restarts.
+
+use std::collections::BTreeMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::cloud::{CloudError, Instance};
+use crate::inventory::Inventory;
+
+/// The first backoff after a capacity or quota error: long enough that a few
+/// reconciles do not hammer an offering that just said no, short enough that a
+/// transient shortage costs little (Karpenter's unavailable-offerings cache uses 3 min).
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(180);
+/// Backoffs double while the errors repeat, up to this.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1800);
+
+/// Condition reasons of `CapacityAvailable`.
+pub const REASON_AVAILABLE: &str = "CapacityAvailable";
+pub const REASON_BACKOFF_EXPIRED: &str = "BackoffExpired";
+
+/// Where the pool stands after capacity errors, as its condition says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    /// No recent capacity error.
+    Clear,
+    /// Growth blocked until `until`; the backoff that led there.
+    Blocked { until: Timestamp, seconds: u64 },
+    /// The last backoff (`seconds`) has passed; growing again, and a new error doubles it.
+    Expired { seconds: u64 },
+}
+
+impl Backoff {
+    /// Reads the backoff from a `CapacityAvailable` condition this module wrote.
+    pub fn of(condition: Option<&Condition>) -> Backoff {
+        let Some(c) = condition else {
+            return Backoff::Clear;
+        };
+        let seconds = number_after(&c.message, "backoff ");
+        match (c.status.as_str(), seconds) {
+            ("False", Some(seconds)) => {
+                let until = c.last_transition_time.0
+                    + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX));
+                Backoff::Blocked { until, seconds }
+            }
+            ("True", Some(seconds)) if c.reason == REASON_BACKOFF_EXPIRED => {
+                Backoff::Expired { seconds }
+            }
+            _ => Backoff::Clear,
+        }
+    }
+
+    /// The backoff after one more capacity error.
+    pub fn next_seconds(self) -> u64 {
+        match self {
+            Backoff::Clear => BACKOFF_FIRST.as_secs(),
+            Backoff::Blocked { seconds, .. } | Backoff::Expired { seconds } => seconds
+                .saturating_mul(2)
+                .clamp(BACKOFF_FIRST.as_secs(), BACKOFF_MAX.as_secs()),
+        }
+    }
+
+    /// The message of a blocked condition; `Backoff::of` reads it back.
+    pub fn blocked_message(error: &CloudError, seconds: u64, since: Timestamp) -> String {
+        let until = since + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX));
+        format!(
+            "{} {}: {}; the pool does not grow until {until} (backoff {seconds}s)",
+            error.code, error.operation, error.message
+        )
+    }
+
+    pub fn expired_message(seconds: u64) -> String {
+        format!(
+            "the capacity backoff has passed; the pool may grow again (last backoff {seconds}s)"
+        )
+    }
+}
+
+fn number_after(text: &str, marker: &str) -> Option<u64> {
+    let rest = &text[text.rfind(marker)? + marker.len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Nodes the current plans need in pool `pool`: its children's replicas packed
+/// first onto the Ready nodes' free GPUs (GPUs other workloads hold are not free),
+/// largest first, then onto new nodes of `gpus_per_node`; the nodes that receive
+/// a replica, clamped to `min..=max`.
+pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u32 {
+    let spec = &inventory.pools[pool].spec;
+    let name = inventory.pools[pool]
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default();
+    let mut replicas: Vec<u32> = inventory
+        .children
+        .iter()
+        .filter(|c| c.pool == name && c.gpus > 0)
+        .flat_map(|c| std::iter::repeat_n(c.gpus, c.replicas as usize))
+        .collect();
+    replicas.sort_unstable_by(|a, b| b.cmp(a));
+    let mut bins: Vec<(u32, bool)> = inventory
+        .nodes
+        .iter()
+        .filter(|n| n.pool == Some(pool) && n.lost_since.is_none())
+        .map(|n| {
+            let others: u32 = n
+                .used
+                .iter()
+                .filter(|(owner, _)| owner.is_none())
+                .map(|(_, g)| g)
+                .sum();
+            (n.allocatable.saturating_sub(others), false)
+        })
+        .collect();
+    for gpus in replicas {
+        match bins.iter_mut().find(|(free, _)| *free >= gpus) {
+            Some(bin) => {
+                bin.0 -= gpus;
+                bin.1 = true;
+            }
+            None if spec.gpu.count >= gpus => bins.push((spec.gpu.count - gpus, true)),
+            // A replica no node of this pool can hold: no node helps it.
+            None => {}
+        }
+    }
+    let used = u32::try_from(bins.iter().filter(|(_, used)| *used).count()).unwrap_or(u32::MAX);
+    used.clamp(min, max.max(min))
+}
+
+/// The idempotency token of a launch: the same pool, the same instances and the
+/// same request give the same token, so a launch repeated after a crash or a
+/// timeout returns the first one's instances instead of launching more. Instances
+/// in every state are part of it, so a later launch from the same count is new.
+pub fn launch_token(pool_uid: &str, instances: &[Instance], have: u32, add: u32) -> String {
+    let mut ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+    ids.sort_unstable();
+    let mut h = DefaultHasher::new();
+    (pool_uid, ids, have, add).hash(&mut h);
+    format!("outrigger-{:016x}", h.finish())
+}
+
+/// A node of the pool, as scale-down sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSeat {
+    pub name: String,
+    /// The cloud instance behind it (from `spec.providerID`).
+    pub instance: Option<String>,
+    /// No replica of a ModelDeployment runs on it.
+    pub empty: bool,
+    /// Empty since then (as this process saw it).
+    pub empty_since: Option<Timestamp>,
+    /// Cordoned by the scaler for removal.
+    pub cordoned: bool,
+}
+
+/// What to do with the pool's nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScaleDown {
+    pub cordon: Vec<String>,
+    pub uncordon: Vec<String>,
+    /// Instances to terminate: cordoned, still empty.
+    pub terminate: Vec<String>,
+}
+
+/// Returns `excess` nodes: empty ones only, empty for at least `cooldown`, cordoned
+/// first and terminated on a later pass if still empty. Nodes cordoned earlier that
+/// are no longer in excess are uncordoned.
+pub fn scale_down(
+    nodes: &[NodeSeat],
+    excess: u32,
+    cooldown: Duration,
+    now: Timestamp,
+) -> ScaleDown {
+    let cooldown = SignedDuration::try_from(cooldown).unwrap_or(SignedDuration::MAX);
+    let mut chosen: Vec<&NodeSeat> = nodes
+        .iter()
+        .filter(|n| n.empty && n.instance.is_some())
+        .filter(|n| n.cordoned || n.empty_since.is_some_and(|t| t + cooldown <= now))
+        .collect();
+    // Already cordoned ones first, then the longest empty, then by name.
+    chosen.sort_by_key(|n| (!n.cordoned, n.empty_since, n.name.clone()));
+    chosen.truncate(excess as usize);
+    let mut plan = ScaleDown::default();
+    for n in &chosen {
+        if n.cordoned {
+            plan.terminate.extend(n.instance.clone());
+        } else {
+            plan.cordon.push(n.name.clone());
+        }
+    }
+    plan.uncordon = nodes
+        .iter()
+        .filter(|n| n.cordoned && !chosen.iter().any(|c| c.name == n.name))
+        .map(|n| n.name.clone())
+        .collect();
+    plan
+}
+
+/// Live instances that have had `grace` to become a Node and did not: leaks.
+/// `first_seen` says since when this process knows each instance.
+pub fn leaked(
+    instances: &[Instance],
+    node_instances: &BTreeMap<String, String>,
+    first_seen: &BTreeMap<String, Timestamp>,
+    grace: Duration,
+    now: Timestamp,
+) -> Vec<String> {
+    let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+    instances
+        .iter()
+        .filter(|i| i.live() && !node_instances.values().any(|id| id == &i.id))
+        .filter(|i| {
+            let since = match (i.launched, first_seen.get(&i.id)) {
+                (Some(l), Some(s)) => l.min(*s),
+                (Some(l), None) => l,
+                (None, Some(s)) => *s,
+                (None, None) => now,
+            };
+            since + grace <= now
+        })
+        .map(|i| i.id.clone())
+        .collect()
+}
+
+/// The instance id a Node's `spec.providerID` names, given the pool's instances.
+pub fn instance_of<'a>(provider_id: &str, instances: &'a [Instance]) -> Option<&'a Instance> {
+    let wanted = provider_id.to_ascii_lowercase();
+    instances
+        .iter()
+        .find(|i| i.provider_id.to_ascii_lowercase() == wanted)
+}
+
+#[cfg(test)]
+mod tests;

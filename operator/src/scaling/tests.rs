@@ -1,0 +1,202 @@
+//! Tests of the scaler's pure decisions.
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use outrigger_crds::GpuNodePool;
+
+use super::*;
+use crate::cloud::{ErrorKind, InstanceState};
+use crate::inventory::{Child, NodeFacts};
+
+fn pool(gpus: u32) -> Arc<GpuNodePool> {
+    Arc::new(
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+            "metadata": {"name": "aws-a", "uid": "u1"},
+            "spec": {"provider": "aws", "region": "us-east-1", "instanceType": "p5.48xlarge",
+                     "gpu": {"type": "H100", "count": gpus}, "nodes": {"min": 0, "max": 10}}
+        }))
+        .unwrap(),
+    )
+}
+
+fn node(name: &str, allocatable: u32, used: Vec<(Option<(&str, &str)>, u32)>) -> NodeFacts {
+    NodeFacts {
+        name: name.into(),
+        pool: Some(0),
+        lost_since: None,
+        allocatable,
+        used: used
+            .into_iter()
+            .map(|(o, g)| (o.map(|(ns, n)| (ns.to_string(), n.to_string())), g))
+            .collect(),
+    }
+}
+
+fn child(replicas: u32, gpus: u32) -> Child {
+    Child {
+        owner: ("ns".into(), "md".into()),
+        pool: "aws-a".into(),
+        name: "md-aws-a".into(),
+        replicas,
+        ready: 0,
+        gpus,
+        scheduled: 0,
+        applied_hash: None,
+    }
+}
+
+fn inventory(nodes: Vec<NodeFacts>, children: Vec<Child>) -> Inventory {
+    Inventory {
+        pools: vec![pool(8)],
+        nodes,
+        children,
+        now: Timestamp::UNIX_EPOCH,
+    }
+}
+
+#[test]
+fn replicas_fill_free_gpus_then_new_nodes() {
+    let inv = inventory(vec![node("n0", 8, vec![])], vec![child(5, 4)]);
+    // Two on n0, three more need two new nodes.
+    assert_eq!(nodes_needed(&inv, 0, 0, 10), 3);
+    assert_eq!(nodes_needed(&inv, 0, 0, 2), 2, "clamped to max");
+    assert_eq!(nodes_needed(&inventory(vec![], vec![]), 0, 1, 10), 1, "min");
+    assert_eq!(
+        nodes_needed(&inventory(vec![], vec![child(0, 4)]), 0, 0, 10),
+        0
+    );
+}
+
+#[test]
+fn gpus_of_other_workloads_are_not_free() {
+    let inv = inventory(vec![node("n0", 8, vec![(None, 6)])], vec![child(1, 4)]);
+    assert_eq!(nodes_needed(&inv, 0, 0, 10), 1, "a new node, n0 is full");
+    let mut lost = node("n1", 8, vec![]);
+    lost.lost_since = Some(Timestamp::UNIX_EPOCH);
+    let inv = inventory(vec![lost], vec![child(1, 4)]);
+    assert_eq!(nodes_needed(&inv, 0, 0, 10), 1, "a lost node holds nothing");
+}
+
+#[test]
+fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
+    let now: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+    let error = CloudError::new(
+        ErrorKind::InsufficientCapacity,
+        "launch",
+        "InsufficientInstanceCapacity",
+        "no p5 in us-east-1a",
+    );
+    let seconds = Backoff::Clear.next_seconds();
+    assert_eq!(seconds, 180);
+    let blocked = Condition {
+        type_: "CapacityAvailable".into(),
+        status: "False".into(),
+        reason: "InsufficientCapacity".into(),
+        message: Backoff::blocked_message(&error, seconds, now),
+        observed_generation: None,
+        last_transition_time: Time(now),
+    };
+    let backoff = Backoff::of(Some(&blocked));
+    assert_eq!(
+        backoff,
+        Backoff::Blocked {
+            until: now + SignedDuration::from_secs(180),
+            seconds: 180
+        }
+    );
+    assert!(
+        blocked.message.contains("2030-01-01T00:03:00Z"),
+        "{}",
+        blocked.message
+    );
+    assert_eq!(backoff.next_seconds(), 360);
+    let expired = Condition {
+        status: "True".into(),
+        reason: REASON_BACKOFF_EXPIRED.into(),
+        message: Backoff::expired_message(1440),
+        ..blocked
+    };
+    assert_eq!(
+        Backoff::of(Some(&expired)),
+        Backoff::Expired { seconds: 1440 }
+    );
+    assert_eq!(Backoff::of(Some(&expired)).next_seconds(), 1800, "capped");
+    assert_eq!(Backoff::of(None), Backoff::Clear);
+}
+
+fn seat(name: &str, empty: bool, since: Option<i64>, cordoned: bool) -> NodeSeat {
+    NodeSeat {
+        name: name.into(),
+        instance: Some(format!("i-{name}")),
+        empty,
+        empty_since: since.map(|s| Timestamp::from_second(s).unwrap()),
+        cordoned,
+    }
+}
+
+#[test]
+fn scale_down_waits_for_the_cooldown_cordons_then_terminates() {
+    let cooldown = Duration::from_secs(60);
+    let at = |s| Timestamp::from_second(s).unwrap();
+    let nodes = vec![
+        seat("a", true, Some(0), false),
+        seat("b", false, None, false),
+    ];
+    assert_eq!(
+        scale_down(&nodes, 1, cooldown, at(30)),
+        ScaleDown::default()
+    );
+    let plan = scale_down(&nodes, 2, cooldown, at(60));
+    assert_eq!(plan.cordon, vec!["a"], "never a node with a replica");
+    assert!(plan.terminate.is_empty());
+    let nodes = vec![seat("a", true, Some(0), true)];
+    assert_eq!(
+        scale_down(&nodes, 1, cooldown, at(61)).terminate,
+        vec!["i-a"]
+    );
+    let plan = scale_down(&nodes, 0, cooldown, at(61));
+    assert_eq!(plan.uncordon, vec!["a"], "needed again");
+    assert!(plan.terminate.is_empty());
+}
+
+fn instance(id: &str, launched: Option<i64>) -> Instance {
+    Instance {
+        id: id.into(),
+        provider_id: format!("aws:///us-east-1a/{id}"),
+        state: InstanceState::Running,
+        launched: launched.map(|s| Timestamp::from_second(s).unwrap()),
+    }
+}
+
+#[test]
+fn instances_that_never_became_nodes_leak_after_the_grace() {
+    let at = |s| Timestamp::from_second(s).unwrap();
+    let grace = Duration::from_secs(600);
+    let instances = vec![
+        instance("i-1", Some(0)),
+        instance("i-2", Some(0)),
+        instance("i-3", Some(500)),
+    ];
+    let nodes = BTreeMap::from([("i-1".to_string(), "i-1".to_string())]);
+    let seen = BTreeMap::new();
+    assert_eq!(
+        leaked(&instances, &nodes, &seen, grace, at(700)),
+        vec!["i-2"]
+    );
+    assert!(leaked(&instances, &nodes, &seen, grace, at(100)).is_empty());
+}
+
+#[test]
+fn launch_tokens_repeat_for_the_same_request_only() {
+    let a = vec![instance("i-1", None)];
+    let b = vec![instance("i-1", None), instance("i-2", None)];
+    assert_eq!(launch_token("u", &a, 1, 2), launch_token("u", &a, 1, 2));
+    assert_ne!(launch_token("u", &a, 1, 2), launch_token("u", &b, 1, 2));
+    assert!(launch_token("u", &b, 2, 1).len() <= 64);
+    assert_eq!(
+        instance_of("AWS:///us-east-1a/i-2", &b).map(|i| i.id.as_str()),
+        Some("i-2")
+    );
+}
