@@ -17,6 +17,7 @@ pub mod ec2;
 pub mod faults;
 pub mod harness;
 pub mod registrar;
+pub mod service_account;
 mod simulator;
 
 pub use simulator::{Simulator, SimulatorConfig, StartError};
