@@ -65,6 +65,14 @@ const USED: &[Use] = &[
     Use {
         scope: Scope::Cluster,
         group: "outrigger.dev",
+        resource: "gpunodepools",
+        verbs: &["patch"],
+        file: "controller/scaler.rs",
+        code: "finalizer(&api, FINALIZER, pool, |event| async {",
+    },
+    Use {
+        scope: Scope::Cluster,
+        group: "outrigger.dev",
         resource: "gpunodepools/status",
         verbs: &["patch"],
         file: "controller/pool.rs",
@@ -77,6 +85,14 @@ const USED: &[Use] = &[
         verbs: &["list", "watch"],
         file: "run.rs",
         code: "nodes: mirror( Api::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::Cluster,
+        group: "",
+        resource: "nodes",
+        verbs: &["patch"],
+        file: "controller/scaler.rs",
+        code: "let api: Api<Node> = Api::all(ctx.client.clone()); api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))",
     },
     Use {
         scope: Scope::Cluster,
