@@ -53,8 +53,13 @@ impl Aws {
         if let Some(region) = &settings.region {
             loader = loader.region(Region::new(region.clone()));
         }
+        Aws::with_config(loader.load().await, settings)
+    }
+
+    /// An adapter on a configuration loaded elsewhere.
+    pub fn with_config(config: aws_config::SdkConfig, settings: AwsSettings) -> Aws {
         Aws {
-            config: loader.load().await,
+            config,
             settings,
             clients: Mutex::new(HashMap::new()),
         }

@@ -14,6 +14,8 @@ pub mod azure;
 #[cfg(test)]
 pub mod fake;
 pub mod metered;
+#[cfg(test)]
+mod simulated;
 
 /// The tag on every instance Outrigger launches: the pool it belongs to.
 pub const POOL_TAG: &str = "outrigger.dev/pool";
