@@ -44,7 +44,6 @@ pub enum OperationStatus {
 #[derive(Clone, Debug)]
 pub struct Operation {
     pub id: String,
-    pub location: String,
     pub started: Timestamp,
     pub ended: Option<Timestamp>,
     pub status: OperationStatus,
@@ -184,9 +183,7 @@ impl AzureCloud {
             .collect();
         set.capacity = target;
         set.provisioning_state = "Updating";
-        let location = set.location.clone();
         Ok(self.start(
-            location,
             Some(key.clone()),
             Change::Scale {
                 key: key.clone(),
@@ -250,9 +247,7 @@ impl AzureCloud {
         }
         set.capacity = set.capacity.saturating_sub(newly);
         set.provisioning_state = "Updating";
-        let location = set.location.clone();
         Ok(self.start(
-            location,
             None,
             Change::DeleteInstances {
                 key: key.clone(),
@@ -265,7 +260,6 @@ impl AzureCloud {
 
     fn start(
         &mut self,
-        location: String,
         scale_set: Option<ScaleSetKey>,
         change: Change,
         plan: OperationPlan,
@@ -276,7 +270,6 @@ impl AzureCloud {
             id.clone(),
             Operation {
                 id: id.clone(),
-                location,
                 started: Timestamp::now(),
                 ended: None,
                 status: OperationStatus::InProgress,
