@@ -5,7 +5,6 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/outrigger/target
 export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
-EXAMPLES := $(sort $(wildcard examples/*.yaml))
 
 .PHONY: test fmt-check clippy unit e2e chart-check e2e-as-sa tools crds demo bench build cluster-up cluster-down
 
@@ -31,7 +30,7 @@ tools:
 
 ## e2e: a fresh local cluster with the simulators, the operator tests, then down
 e2e: tools
-	hack/e2e --test operator --test leader
+	hack/e2e --test cluster_smoke --test operator --test leader
 
 ## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
 ## API server and the CRDs), helm install into a restricted namespace (own cluster)
@@ -47,10 +46,13 @@ e2e-as-sa:
 crds: build
 	$(OUTRIGGER) crd --write crds
 
-## demo: plan the examples (offline until the local cluster lands)
-demo: build
-	@echo "==> Planning examples/ offline with 'outrigger plan' (no cluster needed)."
-	$(OUTRIGGER) plan $(addprefix -f ,$(EXAMPLES))
+## demo: the whole product on the local cluster with simulated clouds (hack/demo)
+demo: tools
+	hack/demo
+
+## demo-down: stop the demo's operator and cluster
+demo-down:
+	hack/demo down
 
 ## bench: the solver benchmark (figures go in docs/benchmarks.md)
 bench:

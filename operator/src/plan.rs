@@ -171,7 +171,19 @@ pub fn read(files: &[PathBuf]) -> Result<(Vec<GpuNodePool>, Vec<ModelDeployment>
                 file: file.clone(),
                 source: Box::new(source),
             })?;
-        for (i, document) in documents.into_iter().enumerate() {
+        // `kubectl get -o yaml` prints a List: plan its items as documents.
+        let documents = documents.into_iter().enumerate().flat_map(|(i, document)| {
+            match (
+                document.get("kind").and_then(|k| k.as_str()),
+                document.get("items"),
+            ) {
+                (Some("List"), Some(serde_json::Value::Array(items))) => {
+                    items.iter().map(|item| (i, item.clone())).collect()
+                }
+                _ => vec![(i, document)],
+            }
+        });
+        for (i, document) in documents {
             let document_error = |message: String| PlanError::Document {
                 file: file.clone(),
                 document: i + 1,

@@ -241,3 +241,22 @@ fn later_deployments_see_what_earlier_ones_took() {
     assert_eq!(json["plans"][1]["deployment"], "ml/b");
     assert_eq!(json["plans"][1]["placed"], 0, "the one node went to ml/a");
 }
+
+#[test]
+fn a_kubectl_list_plans_its_items() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pools = std::fs::read_to_string(pools_file()).expect("pools");
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&format!("{pools}---\n{DEPLOYMENT}")).expect("YAML");
+    let items: Vec<&serde_json::Value> = docs.iter().filter(|d| !d.is_null()).collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let file = fixture(&dir, "list.json", &list.to_string());
+    let out = plan(&[file], &["-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["plans"][0]["deployment"], "ml/bad");
+}

@@ -5,11 +5,9 @@
 //! The tests run only with `OUTRIGGER_E2E=1` (as `make test` sets after starting the
 //! cluster); without it they say so and pass, so `cargo test` works anywhere.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::Client;
@@ -17,46 +15,18 @@ use kube::api::{Api, DeleteParams, PostParams};
 use outrigger_crds::GpuNodePool;
 use serde_json::json;
 
-/// Whether end-to-end tests run; prints why not when they do not.
-pub fn enabled(test: &str) -> bool {
-    if std::env::var("OUTRIGGER_E2E").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!(
-        "{test}: skipped (set OUTRIGGER_E2E=1 with a cluster from `hack/cluster up`; `make test` does)"
-    );
-    false
-}
+pub use crate::harness::{e2e_requested as enabled, eventually as wait_for};
 
 /// Tests that share the cluster-wide operator take turns.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static TURN: Mutex<()> = Mutex::new(());
-    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
 }
 
 pub async fn client() -> Client {
     Client::try_default()
         .await
         .expect("a kubeconfig for the local cluster (eval \"$(hack/cluster env)\")")
-}
-
-/// Polls `check` until it yields a value, or panics after `timeout` naming `what`.
-pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// A short random suffix for names, so tests never collide.

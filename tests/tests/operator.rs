@@ -138,7 +138,7 @@ async fn places_over_both_providers_within_the_share_cap() {
     if !e2e::enabled("places_over_both_providers_within_the_share_cap") {
         return;
     }
-    let _turn = e2e::serial();
+    let _turn = e2e::serial().await;
     let client = e2e::client().await;
     let tag = format!("place-{}", e2e::suffix());
     let fleet = fleet(&client, &tag, 2).await;
@@ -203,7 +203,7 @@ async fn follows_scaling_rule_and_image_changes() {
     if !e2e::enabled("follows_scaling_rule_and_image_changes") {
         return;
     }
-    let _turn = e2e::serial();
+    let _turn = e2e::serial().await;
     let client = e2e::client().await;
     let tag = format!("change-{}", e2e::suffix());
     let fleet = fleet(&client, &tag, 2).await;
@@ -291,7 +291,7 @@ async fn refuses_bad_specs_and_explains_unmet_rules() {
     if !e2e::enabled("refuses_bad_specs_and_explains_unmet_rules") {
         return;
     }
-    let _turn = e2e::serial();
+    let _turn = e2e::serial().await;
     let client = e2e::client().await;
     let tag = format!("bad-{}", e2e::suffix());
     let fleet = fleet(&client, &tag, 1).await;
@@ -504,7 +504,7 @@ async fn fails_over_in_seconds_and_returns_after_rebalance() {
     if !e2e::enabled("fails_over_in_seconds_and_returns_after_rebalance") {
         return;
     }
-    let _turn = e2e::serial();
+    let _turn = e2e::serial().await;
     let client = e2e::client().await;
     let tag = format!("fo-{}", e2e::suffix());
     let fleet = SimFleet::new(&client, &tag, 2).await;
@@ -576,7 +576,7 @@ async fn deleting_a_model_deployment_leaves_nothing_and_steady_state_writes_noth
     if !e2e::enabled("deleting_a_model_deployment_leaves_nothing_and_steady_state_writes_nothing") {
         return;
     }
-    let _turn = e2e::serial();
+    let _turn = e2e::serial().await;
     let client = e2e::client().await;
     let tag = format!("del-{}", e2e::suffix());
     let fleet = fleet(&client, &tag, 1).await;
