@@ -347,7 +347,10 @@ fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
         .flat_map(|s| &s.conditions)
         .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
         .collect();
-    hash_of((serde_json::to_string(&pool.spec).unwrap_or_default(), conditions))
+    hash_of((
+        serde_json::to_string(&pool.spec).unwrap_or_default(),
+        conditions,
+    ))
 }
 
 /// A stream that yields once per change of `rx`, coalescing bursts.
