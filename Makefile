@@ -10,7 +10,7 @@ OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
 ## fresh local cluster (built on first use; see docs/local-cluster.md)
-test: fmt-check clippy unit e2e
+test: fmt-check clippy unit e2e chart-check e2e-as-sa
 
 fmt-check:
 	cargo fmt --all --check
