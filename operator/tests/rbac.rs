@@ -173,8 +173,8 @@ const USED: &[Use] = &[
         group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
-        file: "controller/model_deployment.rs",
-        code: "ctx.recorder.publish(&event, reference)",
+        file: "controller/mod.rs",
+        code: "self.recorder.publish(&event, reference)",
     },
     Use {
         scope: Scope::LeaseNamespace,

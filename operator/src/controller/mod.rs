@@ -58,6 +58,30 @@ pub struct Context {
     pub scaler: scaler::Scaler,
 }
 
+impl Context {
+    /// Records an Event on `reference`; a failure to record is logged, never fatal.
+    pub async fn publish(
+        &self,
+        reference: &k8s_openapi::api::core::v1::ObjectReference,
+        action: &str,
+        type_: kube::runtime::events::EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = kube::runtime::events::Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, reference).await {
+            Ok(()) => self.metrics.wrote("events", "create"),
+            Err(e) => tracing::warn!(error = %e, "failed to publish an Event"),
+        }
+    }
+}
+
 /// Why a reconcile failed; `category` labels metrics.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

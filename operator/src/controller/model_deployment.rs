@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use outrigger_crds::{ModelDeployment, condition};
 use outrigger_placement as placement;
@@ -390,17 +390,7 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Placing".to_string(),
-        secondary: None,
-    };
-    match ctx.recorder.publish(&event, reference).await {
-        Ok(()) => ctx.metrics.wrote("events", "create"),
-        Err(e) => tracing::warn!(error = %e, "failed to publish an Event"),
-    }
+    ctx.publish(reference, "Placing", type_, reason, note).await;
 }
 
 fn describe(counts: &BTreeMap<String, u32>) -> String {

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Resource, ResourceExt};
 use outrigger_crds::{GpuNodePool, condition};
@@ -492,17 +492,8 @@ async fn cordon(ctx: &Context, node: &str, on: bool) -> Result<(), Error> {
 }
 
 async fn publish(ctx: &Context, pool: &GpuNodePool, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note),
-        action: "Scaling".to_string(),
-        secondary: None,
-    };
-    match ctx.recorder.publish(&event, &pool.object_ref(&())).await {
-        Ok(()) => ctx.metrics.wrote("events", "create"),
-        Err(e) => tracing::warn!(error = %e, "failed to publish an Event"),
-    }
+    ctx.publish(&pool.object_ref(&()), "Scaling", type_, reason, note)
+        .await;
 }
 
 pub fn error_policy(_: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
