@@ -30,7 +30,7 @@ tools:
 
 ## e2e: a fresh local cluster with the simulators, the operator tests, then down
 e2e: tools
-	hack/e2e --test cluster_smoke --test operator --test leader
+	hack/e2e --test cluster_smoke --test operator --test leader --test cloud
 
 ## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
 ## API server and the CRDs), helm install into a restricted namespace (own cluster)
@@ -40,7 +40,7 @@ chart-check:
 ## e2e-as-sa: the operator e2e tests with the operator authenticated as the chart's
 ## ServiceAccount (a TokenRequest token in a kubeconfig), so its RBAC is proven enough
 e2e-as-sa:
-	hack/e2e-as-sa --test operator --test leader
+	hack/e2e-as-sa --test operator --test leader --test cloud
 
 ## crds: regenerate crds/*.yaml from the Rust types
 crds: build

@@ -24,13 +24,37 @@ pub struct NodeFacts {
     pub name: String,
     /// Index into the inventory's pools.
     pub pool: Option<usize>,
-    /// When the node stopped being Ready (or was marked unreachable); `None` while Ready.
-    pub lost_since: Option<Timestamp>,
+    pub readiness: Readiness,
     pub allocatable: u32,
     /// GPUs requested on this node, by the ModelDeployment that placed the pod
     /// (`None` for other workloads).
     pub used: Vec<(Option<Key>, u32)>,
 }
+
+impl NodeFacts {
+    /// When the node stopped counting; `None` while Ready or booting.
+    pub fn lost_since(&self) -> Option<Timestamp> {
+        match self.readiness {
+            Readiness::Lost(since) => Some(since),
+            Readiness::Ready | Readiness::Booting => None,
+        }
+    }
+}
+
+/// How a node counts for placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Readiness {
+    Ready,
+    /// Registered but never Ready yet (a new node starting): neither capacity nor
+    /// lost. Placement counts it as the pool's room to grow, as before it registered.
+    Booting,
+    /// Not Ready, or tainted unreachable, since then.
+    Lost(Timestamp),
+}
+
+/// A node whose Ready condition has not moved for this long after it registered
+/// has not been Ready yet: it is booting, not lost.
+const FIRST_READY_WINDOW: SignedDuration = SignedDuration::from_secs(10);
 
 /// One child Deployment Outrigger applied.
 #[derive(Debug, Clone)]
@@ -52,6 +76,8 @@ pub struct Child {
 pub struct PoolCounts {
     pub nodes: u32,
     pub ready_nodes: u32,
+    /// Registered, not Ready yet for the first time.
+    pub booting_nodes: u32,
     pub allocatable: u32,
     pub requested: u32,
 }
@@ -117,8 +143,10 @@ fn owner_of(labels_: Option<&BTreeMap<String, String>>, namespace: Option<&Strin
     Some((namespace?.clone(), md.clone()))
 }
 
-/// When a node stopped counting: not Ready, or tainted unreachable.
-pub fn lost_since(node: &Node, now: Timestamp) -> Option<Timestamp> {
+/// How a node counts: Ready; booting (no Ready condition yet, or one that is not
+/// True and has not changed since the node registered); or lost since its Ready
+/// condition left True, or since it was tainted unreachable.
+pub fn readiness(node: &Node, now: Timestamp) -> Readiness {
     let ready = node
         .status
         .as_ref()
@@ -129,13 +157,18 @@ pub fn lost_since(node: &Node, now: Timestamp) -> Option<Timestamp> {
         .as_ref()
         .and_then(|s| s.taints.as_ref())
         .and_then(|ts| ts.iter().find(|t| t.key == labels::UNREACHABLE_TAINT));
+    let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
     match (ready, unreachable) {
-        (Some(c), None) if c.status == "True" => None,
-        (Some(c), _) if c.status != "True" => {
-            Some(c.last_transition_time.as_ref().map_or(now, |t| t.0))
+        (_, Some(t)) => Readiness::Lost(t.time_added.as_ref().map_or(now, |t| t.0)),
+        (Some(c), None) if c.status == "True" => Readiness::Ready,
+        (None, None) => Readiness::Booting,
+        (Some(c), None) => {
+            let since = c.last_transition_time.as_ref().map_or(now, |t| t.0);
+            match created {
+                Some(created) if since <= created + FIRST_READY_WINDOW => Readiness::Booting,
+                _ => Readiness::Lost(since),
+            }
         }
-        (_, Some(t)) => Some(t.time_added.as_ref().map_or(now, |t| t.0)),
-        _ => Some(now),
     }
 }
 
@@ -161,7 +194,7 @@ impl Inventory {
                 NodeFacts {
                     name: node.metadata.name.clone().unwrap_or_default(),
                     pool,
-                    lost_since: lost_since(node, now),
+                    readiness: readiness(node, now),
                     allocatable: gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref())),
                     used: Vec::new(),
                 }
@@ -269,21 +302,30 @@ impl Inventory {
         for n in self.nodes.iter().filter(|n| n.pool == Some(pool)) {
             counts.nodes += 1;
             counts.requested += n.used.iter().map(|(_, g)| g).sum::<u32>();
-            if n.lost_since.is_none() {
-                counts.ready_nodes += 1;
-                counts.allocatable += n.allocatable;
+            match n.readiness {
+                Readiness::Ready => {
+                    counts.ready_nodes += 1;
+                    counts.allocatable += n.allocatable;
+                }
+                Readiness::Booting => counts.booting_nodes += 1,
+                Readiness::Lost(_) => {}
             }
         }
         counts
     }
 
-    /// Since when every node of the pool has been lost, if it has nodes and all are.
+    /// Since when every node of the pool has been lost, if it has nodes and all
+    /// are (booting nodes aside).
     pub fn pool_lost_since(&self, pool: usize) -> Option<Timestamp> {
         let mut latest: Option<Timestamp> = None;
         let mut any = false;
-        for n in self.nodes.iter().filter(|n| n.pool == Some(pool)) {
+        for n in self
+            .nodes
+            .iter()
+            .filter(|n| n.pool == Some(pool) && n.readiness != Readiness::Booting)
+        {
             any = true;
-            let since = n.lost_since?;
+            let since = n.lost_since()?;
             latest = Some(latest.map_or(since, |l| l.max(since)));
         }
         if any { latest } else { None }
@@ -337,13 +379,18 @@ impl Inventory {
                 soonest(until);
             }
             let mut nodes = Vec::new();
-            for n in self.nodes.iter().filter(|n| n.pool == Some(i)) {
+            // Booting nodes stay out: the solver sees them as room to grow.
+            for n in self
+                .nodes
+                .iter()
+                .filter(|n| n.pool == Some(i) && n.readiness != Readiness::Booting)
+            {
                 let (own, others): (Vec<_>, Vec<_>) =
                     n.used.iter().partition(|(o, _)| o.as_ref() == Some(owner));
                 let own: u32 = own.iter().map(|(_, g)| g).sum();
                 let others: u32 = others.iter().map(|(_, g)| g).sum();
                 let free = n.allocatable.saturating_sub(others);
-                let node = match n.lost_since {
+                let node = match n.lost_since() {
                     None if !matches!(state, Health::Recovering { .. }) => placement::Node {
                         ready: true,
                         free_gpus: free,
@@ -393,3 +440,6 @@ impl Inventory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

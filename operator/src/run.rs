@@ -84,6 +84,10 @@ pub struct CloudArgs {
     /// and is terminated.
     #[arg(long, default_value_t = 900)]
     instance_boot_grace_seconds: u64,
+    /// Seconds a pool stops growing after a capacity or quota error; doubles while
+    /// the errors repeat, up to ten times this.
+    #[arg(long, default_value_t = crate::scaling::BACKOFF_FIRST.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    capacity_backoff_seconds: u64,
 }
 
 impl CloudArgs {
@@ -123,6 +127,7 @@ impl CloudArgs {
             settings: scaler::Settings {
                 cooldown: Duration::from_secs(self.scale_down_after_seconds),
                 boot_grace: Duration::from_secs(self.instance_boot_grace_seconds),
+                backoff: Duration::from_secs(self.capacity_backoff_seconds),
             },
             memory: Default::default(),
         }
@@ -325,10 +330,9 @@ fn node_fingerprint(node: &Node) -> u64 {
                 .collect()
         })
         .unwrap_or_default();
-    let lost = inventory::lost_since(node, k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
-        .map(|t| t.as_second());
+    let readiness = inventory::readiness(node, k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
     let gpus = inventory::gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
-    hash_of((&node.metadata.labels, taints, lost, gpus))
+    hash_of((&node.metadata.labels, taints, readiness, gpus))
 }
 
 /// What placement sees of a pod: where it runs and the GPUs it holds.

@@ -10,14 +10,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::cloud::{CloudError, Instance};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Readiness};
 
-/// The first backoff after a capacity or quota error: long enough that a few
-/// reconciles do not hammer an offering that just said no, short enough that a
-/// transient shortage costs little (Karpenter's unavailable-offerings cache uses 3 min).
+/// The default first backoff after a capacity or quota error (`--capacity-backoff-seconds`):
+/// long enough that a few reconciles do not hammer an offering that just said no,
+/// short enough that a transient shortage costs little (Karpenter's
+/// unavailable-offerings cache uses 3 min).
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(180);
-/// Backoffs double while the errors repeat, up to this.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(1800);
+/// Backoffs double while the errors repeat, up to ten times the first (30 min by default).
+const BACKOFF_GROWTH: u64 = 10;
 
 /// Condition reasons of `CapacityAvailable`.
 pub const REASON_AVAILABLE: &str = "CapacityAvailable";
@@ -54,13 +55,14 @@ impl Backoff {
         }
     }
 
-    /// The backoff after one more capacity error.
-    pub fn next_seconds(self) -> u64 {
+    /// The backoff after one more capacity error, given the first one.
+    pub fn next_seconds(self, first: Duration) -> u64 {
+        let first = first.as_secs().max(1);
         match self {
-            Backoff::Clear => BACKOFF_FIRST.as_secs(),
+            Backoff::Clear => first,
             Backoff::Blocked { seconds, .. } | Backoff::Expired { seconds } => seconds
                 .saturating_mul(2)
-                .clamp(BACKOFF_FIRST.as_secs(), BACKOFF_MAX.as_secs()),
+                .clamp(first, first.saturating_mul(BACKOFF_GROWTH)),
         }
     }
 
@@ -107,7 +109,7 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
     let mut bins: Vec<(u32, bool)> = inventory
         .nodes
         .iter()
-        .filter(|n| n.pool == Some(pool) && n.lost_since.is_none())
+        .filter(|n| n.pool == Some(pool) && n.readiness == Readiness::Ready)
         .map(|n| {
             let others: u32 = n
                 .used
@@ -170,7 +172,7 @@ pub struct ScaleDown {
 
 /// Returns `excess` nodes: empty ones only, empty for at least `cooldown`, cordoned
 /// first and terminated on a later pass if still empty. Nodes cordoned earlier that
-/// are no longer in excess are uncordoned.
+/// are no longer in excess are uncordoned, unless their instance is already gone.
 pub fn scale_down(
     nodes: &[NodeSeat],
     excess: u32,
@@ -196,7 +198,8 @@ pub fn scale_down(
     }
     plan.uncordon = nodes
         .iter()
-        .filter(|n| n.cordoned && !chosen.iter().any(|c| c.name == n.name))
+        .filter(|n| n.cordoned && n.instance.is_some())
+        .filter(|n| !chosen.iter().any(|c| c.name == n.name))
         .map(|n| n.name.clone())
         .collect();
     plan

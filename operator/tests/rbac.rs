@@ -92,7 +92,7 @@ const USED: &[Use] = &[
         resource: "nodes",
         verbs: &["patch"],
         file: "controller/scaler.rs",
-        code: "let api: Api<Node> = Api::all(ctx.client.clone()); api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))",
+        code: "let api: Api<Node> = Api::all(ctx.client.clone()); match api .patch(node, &PatchParams::default(), &Patch::Merge(&patch))",
     },
     Use {
         scope: Scope::Cluster,

@@ -15,6 +15,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use outrigger_crds::GpuNodePool;
 use serde_json::json;
 
+use crate::harness::Control;
 pub use crate::harness::{e2e_requested as enabled, eventually as wait_for};
 
 /// Tests that share the cluster-wide operator take turns.
@@ -27,6 +28,45 @@ pub async fn client() -> Client {
     Client::try_default()
         .await
         .expect("a kubeconfig for the local cluster (eval \"$(hack/cluster env)\")")
+}
+
+/// The simulators `hack/cluster up` started, at the endpoints `hack/cluster env`
+/// exports. Tests use these rather than starting their own: the cluster's node
+/// registrar removes Nodes of machines its simulators do not know.
+#[derive(Clone, Debug)]
+pub struct SimClouds {
+    pub ec2_url: String,
+    pub azure_url: String,
+    pub control: Control,
+}
+
+impl SimClouds {
+    pub fn from_env() -> SimClouds {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        SimClouds {
+            ec2_url: var("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:18081"),
+            azure_url: var("AZURE_ENDPOINT_URL", "http://127.0.0.1:18082"),
+            control: Control::new(&var("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083")),
+        }
+    }
+
+    /// The real EC2 client against the simulator, in `region`.
+    pub async fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                "outrigger-local",
+                "outrigger-local",
+                None,
+                None,
+                "e2e",
+            ))
+            .endpoint_url(&self.ec2_url)
+            .load()
+            .await;
+        aws_sdk_ec2::Client::new(&config)
+    }
 }
 
 /// A short random suffix for names, so tests never collide.

@@ -1,88 +1,172 @@
-//! End-to-end: the operator scales AWS and Azure pools in the simulated clouds
-//! (in process here, with the node registrar turning instances into kwok Nodes),
-//! routes around a capacity error, shrinks back, and releases a deleted pool's
-//! instances. Needs the local cluster (`hack/e2e --test cloud`).
+//! End-to-end: the operator scales AWS and Azure pools in the cluster's simulated
+//! clouds (whose registrar turns instances into kwok Nodes): from zero to Running
+//! replicas, around an AWS capacity error and an Azure quota error, back to
+//! `nodes.min`, through ten operator kills, and releasing a deleted pool's instances.
+//! Needs the local cluster (`hack/e2e --test cloud`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
-use aws_sdk_ec2::config::{Credentials, Region};
 use aws_sdk_ec2::types::{Filter, InstanceType, RequestLaunchTemplateData};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use outrigger_crds::{GpuNodePool, ModelDeployment};
-use outrigger_tests::e2e::{self, TestNamespace, wait_for};
-use outrigger_tests::harness::{Control, Moto};
-use outrigger_tests::registrar::RegistrarConfig;
-use outrigger_tests::{Simulator, SimulatorConfig};
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use outrigger_crds::{GpuNodePool, GpuNodePoolStatus, ModelDeployment};
+use outrigger_tests::e2e::{self, Operator, SimClouds, TestNamespace, wait_for};
 use serde_json::json;
 
 const SUB: &str = "00000000-0000-0000-0000-000000000005";
+const AWS_REGION: &str = "us-east-1";
+const AZURE_REGION: &str = "eastus";
+const TEMPLATE: &str = "outrigger-e2e-h100";
 const DEADLINE: Duration = Duration::from_secs(90);
 
-fn pools(tag: &str) -> (String, String, Vec<GpuNodePool>) {
-    let (aws, azure) = (format!("aws-{tag}"), format!("azure-{tag}"));
-    let pool = |name: &str, spec: serde_json::Value| -> GpuNodePool {
-        serde_json::from_value(json!({
-            "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
-            "metadata": {"name": name}, "spec": spec
-        }))
-        .expect("pool")
-    };
-    let list = vec![
-        pool(
-            &aws,
-            json!({
-                "provider": "aws", "region": "us-east-1", "zone": "us-east-1a",
-                "instanceType": "p5.48xlarge", "gpu": {"type": "H100", "count": 8},
-                "pricePerNodeHour": 10.0, "nodes": {"min": 0, "max": 3},
-                "scaling": {"aws": {"launchTemplate": {"name": "gpu-h100", "version": "$Latest"}}}
-            }),
-        ),
-        pool(
-            &azure,
-            json!({
-                "provider": "azure", "region": "eastus", "zone": "1",
-                "instanceType": "Standard_ND96isr_H100_v5", "gpu": {"type": "H100", "count": 8},
-                "pricePerNodeHour": 20.0, "nodes": {"min": 0, "max": 3},
-                "scaling": {"azure": {"subscriptionId": SUB, "resourceGroup": "e2e", "scaleSetName": azure}}
-            }),
-        ),
-    ];
-    (aws, azure, list)
+/// An AWS and an Azure pool of 8-GPU H100 nodes, empty, up to 4 nodes each; AWS
+/// is the cheaper.
+struct Pools {
+    aws: String,
+    azure: String,
 }
 
-fn model(name: &str, replicas: i32) -> ModelDeployment {
+impl Pools {
+    async fn create(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Client) -> Pools {
+        let tag = e2e::suffix();
+        let pools = Pools {
+            aws: format!("aws-{tag}"),
+            azure: format!("azure-{tag}"),
+        };
+        // The launch template is shared by every run against this cluster.
+        let _ = ec2
+            .create_launch_template()
+            .launch_template_name(TEMPLATE)
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id("ami-12345678")
+                    .instance_type(InstanceType::from("p5.48xlarge"))
+                    .build(),
+            )
+            .send()
+            .await;
+        sim.control
+            .create_scale_set(json!({
+                "subscriptionId": SUB, "resourceGroup": "e2e", "name": pools.azure,
+                "location": AZURE_REGION, "sku": "Standard_ND96isr_H100_v5", "zones": ["1"],
+                "capacity": 0, "pool": pools.azure,
+            }))
+            .await;
+        let api: Api<GpuNodePool> = Api::all(client.clone());
+        for spec in [
+            json!({
+                "provider": "aws", "region": AWS_REGION, "zone": "us-east-1a",
+                "instanceType": "p5.48xlarge", "gpu": {"type": "H100", "count": 8},
+                "pricePerNodeHour": 10.0, "nodes": {"min": 0, "max": 4},
+                "scaling": {"aws": {"launchTemplate": {"name": TEMPLATE, "version": "$Latest"}}}
+            }),
+            json!({
+                "provider": "azure", "region": AZURE_REGION, "zone": "1",
+                "instanceType": "Standard_ND96isr_H100_v5", "gpu": {"type": "H100", "count": 8},
+                "pricePerNodeHour": 20.0, "nodes": {"min": 0, "max": 4},
+                "scaling": {"azure": {"subscriptionId": SUB, "resourceGroup": "e2e",
+                                      "scaleSetName": pools.azure}}
+            }),
+        ] {
+            let name = if spec["provider"] == "aws" {
+                &pools.aws
+            } else {
+                &pools.azure
+            };
+            let pool: GpuNodePool = serde_json::from_value(json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+                "metadata": {"name": name}, "spec": spec
+            }))
+            .expect("pool");
+            api.create(&PostParams::default(), &pool)
+                .await
+                .expect("pool created");
+        }
+        pools
+    }
+
+    fn names(&self) -> [&str; 2] {
+        [&self.aws, &self.azure]
+    }
+}
+
+/// The operator with the simulators' endpoints, a 5 s scale-down cool-down and a
+/// 10 s first capacity backoff.
+async fn operator(sim: &SimClouds, identity: &str) -> Operator {
+    Operator::start(
+        identity,
+        &[
+            "--leader-elect=false",
+            "--aws-endpoint-url",
+            &sim.ec2_url,
+            "--azure-endpoint-url",
+            &sim.azure_url,
+            "--azure-token",
+            "e2e",
+            "--cluster-name",
+            "e2e",
+            "--scale-down-after-seconds",
+            "5",
+            "--capacity-backoff-seconds",
+            "10",
+        ],
+    )
+    .await
+}
+
+fn model(replicas: i32) -> ModelDeployment {
     serde_json::from_value(json!({
         "apiVersion": "outrigger.dev/v1alpha1", "kind": "ModelDeployment",
-        "metadata": {"name": name},
+        "metadata": {"name": "llm"},
         "spec": {
             "replicas": replicas, "gpu": {"count": 8, "types": ["H100"]},
             "template": {"spec": {"containers": [{"name": "server", "image": "vllm/vllm-openai:v0.6.4"}]}},
-            "placement": {"regions": ["us-east-1", "eastus"],
+            "placement": {"regions": [AWS_REGION, AZURE_REGION],
                           "spread": [{"by": "provider", "minGroups": 2}]}
         }
     }))
     .expect("model")
 }
 
-async fn ready_replicas(api: &Api<ModelDeployment>, name: &str) -> i32 {
-    api.get(name)
-        .await
-        .ok()
-        .and_then(|m| m.status)
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0)
+async fn set_replicas(api: &Api<ModelDeployment>, replicas: i32) {
+    api.patch(
+        "llm",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await
+    .expect("replicas patched");
 }
 
-async fn pool_status(
-    api: &Api<GpuNodePool>,
-    name: &str,
-) -> Option<outrigger_crds::GpuNodePoolStatus> {
+/// Ready replicas per pool, from the ModelDeployment's status.
+async fn ready_by_pool(api: &Api<ModelDeployment>) -> Option<(i32, BTreeMap<String, i32>)> {
+    let status = api.get("llm").await.ok()?.status?;
+    let placed = status
+        .placements
+        .iter()
+        .map(|p| (p.pool.clone(), p.ready_replicas.unwrap_or(0)))
+        .collect();
+    Some((status.ready_replicas.unwrap_or(0), placed))
+}
+
+async fn pool_status(api: &Api<GpuNodePool>, name: &str) -> Option<GpuNodePoolStatus> {
     api.get(name).await.ok()?.status
 }
 
-async fn live_ec2(client: &aws_sdk_ec2::Client, pool: &str) -> usize {
-    client
+async fn capacity_available(api: &Api<GpuNodePool>, name: &str) -> Option<String> {
+    pool_status(api, name)
+        .await?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "CapacityAvailable")
+        .map(|c| c.status)
+}
+
+/// Live (pending or running) EC2 instances tagged for the pool.
+async fn live_ec2(ec2: &aws_sdk_ec2::Client, pool: &str) -> Option<Vec<String>> {
+    let out = ec2
         .describe_instances()
         .filters(
             Filter::builder()
@@ -99,9 +183,90 @@ async fn live_ec2(client: &aws_sdk_ec2::Client, pool: &str) -> usize {
         )
         .send()
         .await
-        .map_or(usize::MAX, |o| {
-            o.reservations().iter().map(|r| r.instances().len()).sum()
-        })
+        .ok()?;
+    Some(
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect(),
+    )
+}
+
+/// VMs of the pool's scale set in the simulator.
+async fn live_vms(sim: &SimClouds, scale_set: &str) -> Option<usize> {
+    let state = sim.control.state().await;
+    state["azure"]["scaleSets"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == scale_set)
+        .map(|s| s["vms"].as_array().map_or(0, Vec::len))
+}
+
+/// Nodes of a pool (the default selector `outrigger.dev/pool=<name>`).
+async fn nodes_of(client: &Client, pool: &str) -> Option<usize> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let list = nodes
+        .list(&ListParams::default().labels(&format!("outrigger.dev/pool={pool}")))
+        .await
+        .ok()?;
+    Some(list.items.len())
+}
+
+/// The cloud's instances, the pool's Nodes and `status.cloudInstances` all equal `n`.
+async fn settled_at(
+    client: &Client,
+    sim: &SimClouds,
+    ec2: &aws_sdk_ec2::Client,
+    pools: &Pools,
+    aws: usize,
+    azure: usize,
+) -> bool {
+    let pool_api: Api<GpuNodePool> = Api::all(client.clone());
+    let cloud = (
+        live_ec2(ec2, &pools.aws).await.map(|v| v.len()),
+        live_vms(sim, &pools.azure).await,
+    );
+    let nodes = (
+        nodes_of(client, &pools.aws).await,
+        nodes_of(client, &pools.azure).await,
+    );
+    let status = (
+        pool_status(&pool_api, &pools.aws)
+            .await
+            .and_then(|s| s.cloud_instances),
+        pool_status(&pool_api, &pools.azure)
+            .await
+            .and_then(|s| s.cloud_instances),
+    );
+    let (a, z) = (Some(aws), Some(azure));
+    cloud == (a, z) && nodes == (a, z) && status == (a.map(|n| n as u32), z.map(|n| n as u32))
+}
+
+async fn delete_pools(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Client, pools: &Pools) {
+    let pool_api: Api<GpuNodePool> = Api::all(client.clone());
+    for name in pools.names() {
+        pool_api
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("pool deleted");
+    }
+    wait_for(
+        "the pools gone, their instances released",
+        DEADLINE,
+        || async {
+            for name in pools.names() {
+                if pool_api.get_opt(name).await.ok()?.is_some() {
+                    return None;
+                }
+            }
+            let aws = live_ec2(ec2, &pools.aws).await?;
+            let vms = live_vms(sim, &pools.azure).await?;
+            (aws.is_empty() && vms == 0).then_some(())
+        },
+    )
+    .await;
+    sim.control.delete_scale_set(SUB, "e2e", &pools.azure).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -111,161 +276,112 @@ async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
     }
     let _turn = e2e::serial().await;
     let client = e2e::client().await;
-    let moto = Moto::start().await.expect("moto");
-    let sim = Simulator::start(SimulatorConfig {
-        registrar: Some(RegistrarConfig {
-            client: client.clone(),
-            boot_delay: Duration::from_secs(2),
-        }),
-        ..SimulatorConfig::local(moto.url())
-    })
-    .await
-    .expect("simulator");
-    let control = Control::new(sim.control_url());
-    let config = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("AKIDE2E", "secret", None, None, "test"))
-        .endpoint_url(sim.ec2_url())
-        .load()
-        .await;
-    let ec2 = aws_sdk_ec2::Client::new(&config);
-    ec2.create_launch_template()
-        .launch_template_name("gpu-h100")
-        .launch_template_data(
-            RequestLaunchTemplateData::builder()
-                .image_id("ami-12345678")
-                .instance_type(InstanceType::from("p5.48xlarge"))
-                .build(),
-        )
-        .send()
-        .await
-        .expect("launch template");
-    let tag = e2e::suffix();
-    let (aws, azure, pool_list) = pools(&tag);
-    control
-        .create_scale_set(json!({
-            "subscriptionId": SUB, "resourceGroup": "e2e", "name": azure,
-            "location": "eastus", "sku": "Standard_ND96isr_H100_v5", "zones": ["1"],
-            "capacity": 0, "pool": azure,
-        }))
-        .await;
+    let sim = SimClouds::from_env();
+    let ec2 = sim.ec2(AWS_REGION).await;
+    sim.control.clear_all().await;
+    let pools = Pools::create(&client, &sim, &ec2).await;
     let pool_api: Api<GpuNodePool> = Api::all(client.clone());
-    for p in &pool_list {
-        pool_api
-            .create(&PostParams::default(), p)
-            .await
-            .expect("pool created");
-    }
+    let operator = operator(&sim, "cloud-e2e").await;
+    println!("operator log: {}", operator.log.display());
 
-    // The operator, with the simulators' endpoints and credentials.
-    let port = outrigger_tests::harness::free_port().expect("a port");
-    let log = std::env::temp_dir().join(format!("outrigger-cloud-{tag}.log"));
-    let binary = std::env::var("OUTRIGGER_BIN").unwrap_or_else(|_| {
-        format!(
-            "{}/debug/outrigger",
-            std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())
-        )
-    });
-    let mut operator = tokio::process::Command::new(binary)
-        .args([
-            "run",
-            "--leader-elect=false",
-            "--identity",
-            "cloud-e2e",
-            "--metrics-addr",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .args([
-            "--aws-endpoint-url",
-            sim.ec2_url(),
-            "--azure-endpoint-url",
-            sim.azure_url(),
-        ])
-        .args([
-            "--azure-token",
-            "e2e",
-            "--cluster-name",
-            "e2e",
-            "--scale-down-after-seconds",
-            "5",
-        ])
-        .env("AWS_ACCESS_KEY_ID", "AKIDE2E")
-        .env("AWS_SECRET_ACCESS_KEY", "secret")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the operator starts");
-    println!("operator log: {}", log.display());
-
+    // From empty pools: both clouds scale up, one replica on each.
     let ns = TestNamespace::new(&client, "cloud").await;
     let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let started = Instant::now();
     md_api
-        .create(&PostParams::default(), &model("llm", 2))
+        .create(&PostParams::default(), &model(2))
         .await
-        .expect("md");
-    wait_for(
-        "2 replicas Ready on both clouds from empty pools",
-        DEADLINE,
-        || async { (ready_replicas(&md_api, "llm").await == 2).then_some(()) },
-    )
+        .expect("ModelDeployment created");
+    wait_for("2 replicas Ready, one per cloud", DEADLINE, || async {
+        let (ready, placed) = ready_by_pool(&md_api).await?;
+        (ready == 2 && placed.get(&pools.aws) == Some(&1) && placed.get(&pools.azure) == Some(&1))
+            .then_some(())
+    })
     .await;
     println!(
         "scale-up from 0 on both clouds: {:.1} s to 2 replicas Ready",
         started.elapsed().as_secs_f64()
     );
+    assert!(settled_at(&client, &sim, &ec2, &pools, 1, 1).await);
 
-    // AWS runs out of H100s; a third replica (cheaper on AWS) must land on Azure.
-    control
-        .inject(json!({"fault": "InsufficientInstanceCapacity", "instanceType": "p5.48xlarge"}))
-        .await;
-    md_api
-        .patch(
-            "llm",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    // AWS has no H100s: the third replica, planned on the cheaper AWS, runs on Azure.
+    sim.control
+        .inject(
+            json!({"fault": "InsufficientInstanceCapacity", "instanceType": "p5.48xlarge",
+                       "region": AWS_REGION}),
         )
-        .await
-        .expect("scaled to 3");
+        .await;
+    set_replicas(&md_api, 3).await;
     wait_for("AWS CapacityAvailable=False", DEADLINE, || async {
-        let s = pool_status(&pool_api, &aws).await?;
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "CapacityAvailable" && c.status == "False")
-            .then_some(())
+        (capacity_available(&pool_api, &pools.aws).await? == "False").then_some(())
     })
     .await;
     let error_seen = Instant::now();
-    wait_for(
-        "3 replicas Ready, the new one on Azure",
-        DEADLINE,
-        || async { (ready_replicas(&md_api, "llm").await == 3).then_some(()) },
-    )
+    wait_for("3 replicas Ready, 2 on Azure", DEADLINE, || async {
+        let (ready, placed) = ready_by_pool(&md_api).await?;
+        (ready == 3 && placed.get(&pools.azure) == Some(&2)).then_some(())
+    })
     .await;
     println!(
-        "capacity error to replacement Ready: {:.1} s (2 s node boot)",
+        "InsufficientInstanceCapacity on AWS to the replacement Ready on Azure: {:.1} s (2 s node boot)",
         error_seen.elapsed().as_secs_f64()
     );
-    let azure_nodes = pool_status(&pool_api, &azure)
-        .await
-        .and_then(|s| s.cloud_instances);
-    assert_eq!(azure_nodes, Some(2), "Azure took the replica");
-    control.clear_all().await;
+    let aws_status = pool_status(&pool_api, &pools.aws).await.expect("status");
+    let condition = aws_status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "CapacityAvailable")
+        .expect("CapacityAvailable");
+    assert_eq!(condition.reason, "InsufficientCapacity");
+    assert!(
+        condition.message.contains("does not grow until"),
+        "{}",
+        condition.message
+    );
+    sim.control.clear_all().await;
 
-    // Replicas to 0: both pools shrink to nodes.min after the cool-down.
-    md_api
+    // The other way: Azure, now the cheaper, refuses more cores (quota); the
+    // replicas it cannot take run on AWS once its backoff has passed.
+    wait_for("AWS backoff over", DEADLINE, || async {
+        (capacity_available(&pool_api, &pools.aws).await? == "True").then_some(())
+    })
+    .await;
+    sim.control
+        .inject(json!({"fault": "OperationNotAllowed", "region": AZURE_REGION}))
+        .await;
+    pool_api
         .patch(
-            "llm",
+            &pools.azure,
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+            &Patch::Merge(json!({"spec": {"pricePerNodeHour": 5.0}})),
         )
         .await
-        .expect("scaled to 0");
+        .expect("Azure price patched");
+    set_replicas(&md_api, 4).await;
+    wait_for("Azure CapacityAvailable=False", DEADLINE, || async {
+        (capacity_available(&pool_api, &pools.azure).await? == "False").then_some(())
+    })
+    .await;
+    let error_seen = Instant::now();
+    wait_for("4 replicas Ready, 2 on AWS", DEADLINE, || async {
+        let (ready, placed) = ready_by_pool(&md_api).await?;
+        (ready == 4 && placed.get(&pools.aws) == Some(&2) && placed.get(&pools.azure) == Some(&2))
+            .then_some(())
+    })
+    .await;
+    println!(
+        "OperationNotAllowed (quota) on Azure to 4 replicas Ready: {:.1} s",
+        error_seen.elapsed().as_secs_f64()
+    );
+    sim.control.clear_all().await;
+
+    // Replicas to 0: both pools return to nodes.min (0) after the cool-down.
+    set_replicas(&md_api, 0).await;
     let shrink = Instant::now();
     wait_for("both pools back at 0 instances", DEADLINE, || async {
-        let a = pool_status(&pool_api, &aws).await?.cloud_instances?;
-        let z = pool_status(&pool_api, &azure).await?.cloud_instances?;
-        (a == 0 && z == 0 && live_ec2(&ec2, &aws).await == 0).then_some(())
+        settled_at(&client, &sim, &ec2, &pools, 0, 0)
+            .await
+            .then_some(())
     })
     .await;
     println!(
@@ -273,39 +389,98 @@ async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
         shrink.elapsed().as_secs_f64()
     );
 
-    // Deleting a pool releases what it launched: grow the Azure pool by its min.
+    // nodes.min is kept with no replica; deleting a pool releases what it launched.
     pool_api
         .patch(
-            &azure,
+            &pools.azure,
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"nodes": {"min": 1}}})),
         )
         .await
         .expect("min 1");
     wait_for("the Azure pool at nodes.min=1", DEADLINE, || async {
-        (pool_status(&pool_api, &azure).await?.cloud_instances? == 1).then_some(())
-    })
-    .await;
-    for name in [&aws, &azure] {
-        pool_api
-            .delete(name, &DeleteParams::default())
+        settled_at(&client, &sim, &ec2, &pools, 0, 1)
             .await
-            .expect("pool deleted");
-    }
-    wait_for("the pools gone (finalizer done)", DEADLINE, || async {
-        (pool_api.get_opt(&aws).await.ok()?.is_none()
-            && pool_api.get_opt(&azure).await.ok()?.is_none())
-        .then_some(())
+            .then_some(())
     })
     .await;
-    let state = control.state().await;
-    let vms = state["azure"]["scaleSets"]
-        .as_array()
-        .and_then(|sets| sets.iter().find(|s| s["name"] == azure.as_str()))
-        .map_or(0, |s| s["vms"].as_array().map_or(0, Vec::len));
-    assert_eq!(vms, 0, "the deleted pool's VMs are gone: {state}");
-
+    delete_pools(&client, &sim, &ec2, &pools).await;
     ns.delete().await;
-    let _ = operator.kill().await;
-    sim.stop().await;
+    operator.stop().await;
+}
+
+/// A small deterministic generator for the kill moments, seeded from the clock and
+/// printed, so a failing run can be told apart.
+struct Moments(u64);
+
+impl Moments {
+    fn next_ms(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_killed_during_scaling_leaves_no_duplicate_orphan_or_lost_replica() {
+    if !e2e::enabled("cloud chaos") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let client = e2e::client().await;
+    let sim = SimClouds::from_env();
+    let ec2 = sim.ec2(AWS_REGION).await;
+    sim.control.clear_all().await;
+    let pools = Pools::create(&client, &sim, &ec2).await;
+    let ns = TestNamespace::new(&client, "chaos").await;
+    let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    md_api
+        .create(&PostParams::default(), &model(2))
+        .await
+        .expect("ModelDeployment created");
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    println!("kill moments seed: {seed}");
+    let mut moments = Moments(seed);
+    // Up and down: every kill lands in a scale-up or a scale-down (cool-down 5 s).
+    let replicas = [4, 1, 5, 2, 6, 2, 4, 1, 3, 2];
+    for (round, &n) in replicas.iter().enumerate() {
+        let operator = operator(&sim, &format!("chaos-{round}")).await;
+        set_replicas(&md_api, n).await;
+        let after = Duration::from_millis(moments.next_ms(6000));
+        // The kill moment is the fault being injected, not a wait for a state.
+        tokio::time::sleep(after).await;
+        println!(
+            "round {round}: replicas {n}, SIGKILL after {:.1} s",
+            after.as_secs_f64()
+        );
+        operator.kill().await;
+    }
+
+    // A last operator converges: every replica Ready, the instances exactly the
+    // nodes the plan needs (one 8-GPU replica per node), each a Node.
+    let operator = operator(&sim, "chaos-final").await;
+    let last = *replicas.last().expect("rounds");
+    wait_for(
+        "every replica Ready and the clouds at the plan's node counts",
+        Duration::from_secs(120),
+        || async {
+            let (ready, placed) = ready_by_pool(&md_api).await?;
+            let aws = *placed.get(&pools.aws).unwrap_or(&0) as usize;
+            let azure = *placed.get(&pools.azure).unwrap_or(&0) as usize;
+            (ready == last && settled_at(&client, &sim, &ec2, &pools, aws, azure).await)
+                .then_some(())
+        },
+    )
+    .await;
+    let (_, placed) = ready_by_pool(&md_api).await.expect("status");
+    println!("after 10 kills: {placed:?}, instances match, nothing duplicated or orphaned");
+
+    delete_pools(&client, &sim, &ec2, &pools).await;
+    ns.delete().await;
+    operator.stop().await;
 }

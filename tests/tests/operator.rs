@@ -347,10 +347,6 @@ const FAILOVER_AWS_ZONE: &str = "us-east-2a";
 const FAILOVER_AZURE_REGION: &str = "northeurope";
 const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000fa110";
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
 /// Two pools whose nodes are machines of the simulated clouds: EC2 instances
 /// launched through the EC2 endpoint and a scale set's VMs, which the simulator's
 /// registrar turns into kwok Nodes.
@@ -365,22 +361,11 @@ struct SimFleet {
 
 impl SimFleet {
     async fn new(client: &Client, tag: &str, nodes: i32) -> SimFleet {
-        let aws_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(FAILOVER_AWS_REGION))
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                "outrigger-local",
-                "outrigger-local",
-                None,
-                None,
-                "e2e",
-            ))
-            .endpoint_url(env_or("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:18081"))
-            .load()
-            .await;
+        let sim = e2e::SimClouds::from_env();
         let fleet = SimFleet {
             client: client.clone(),
-            control: Control::new(&env_or("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083")),
-            ec2: aws_sdk_ec2::Client::new(&aws_config),
+            ec2: sim.ec2(FAILOVER_AWS_REGION).await,
+            control: sim.control,
             aws: format!("aws-{tag}"),
             azure: format!("azure-{tag}"),
             instances: Vec::new(),

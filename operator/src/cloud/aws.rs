@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use aws_config::BehaviorVersion;
+use aws_config::environment::EnvironmentVariableRegionProvider;
+use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::Region;
@@ -50,9 +52,14 @@ impl Aws {
         if let Some(url) = &settings.endpoint_url {
             loader = loader.endpoint_url(url);
         }
-        if let Some(region) = &settings.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
+        // Each pool names its region, so the shared configuration only needs one
+        // for credential providers (STS): the flag, else the environment, else a
+        // fixed default. Never the instance metadata service, which is not there
+        // off EC2 and only delays start-up with warnings.
+        let region = RegionProviderChain::first_try(settings.region.clone().map(Region::new))
+            .or_else(EnvironmentVariableRegionProvider::new())
+            .or_else(Region::from_static("us-east-1"));
+        loader = loader.region(region);
         Aws::with_config(loader.load().await, settings)
     }
 

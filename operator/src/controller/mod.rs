@@ -68,6 +68,16 @@ impl Context {
         reason: &str,
         note: String,
     ) {
+        tracing::info!(
+            object = %format!(
+                "{}/{}",
+                reference.namespace.as_deref().unwrap_or_default(),
+                reference.name.as_deref().unwrap_or_default()
+            ),
+            reason,
+            %note,
+            "event"
+        );
         let event = kube::runtime::events::Event {
             type_,
             reason: reason.to_string(),

@@ -84,6 +84,13 @@ async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let mut request = inputs::request(md);
     request.current = inventory.current(&key);
     let plan = placement::solve(&request, &view.pools);
+    tracing::debug!(
+        namespace = %key.0, name = %key.1,
+        capacity = ?view.pools.iter().map(|p| (p.name.as_str(), p.capacity(request.gpus_per_replica), p.nodes.len(), p.growth_blocked)).collect::<Vec<_>>(),
+        current = ?request.current,
+        plan = ?plan.placements.iter().map(|p| (p.pool.as_str(), p.replicas)).collect::<Vec<_>>(),
+        "planned"
+    );
     let ready: BTreeMap<String, u32> = inventory
         .children_of(&key)
         .map(|c| (c.pool.clone(), c.ready))

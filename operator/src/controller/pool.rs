@@ -35,13 +35,14 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
         .unwrap_or_default();
     let prior = previous.iter().find(|c| c.type_ == condition::READY);
     let now = Timestamp::now();
-    let ready = if counts.nodes > 0 && counts.ready_nodes == 0 {
+    let lost = counts.nodes - counts.ready_nodes - counts.booting_nodes;
+    let ready = if lost > 0 && counts.ready_nodes == 0 {
         status::condition(
             previous,
             condition::READY,
             false,
             labels::REASON_NODES_LOST,
-            format!("all {} nodes are NotReady or unreachable", counts.nodes),
+            format!("all {lost} started nodes are NotReady or unreachable"),
             pool.metadata.generation,
             now,
         )
@@ -70,7 +71,10 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
             condition::READY,
             true,
             "NodesReady",
-            format!("{} of {} nodes Ready", counts.ready_nodes, counts.nodes),
+            format!(
+                "{} of {} nodes Ready, {} booting",
+                counts.ready_nodes, counts.nodes, counts.booting_nodes
+            ),
             pool.metadata.generation,
             now,
         )

@@ -45,6 +45,9 @@ pub struct Settings {
     pub cooldown: Duration,
     /// An instance that is not a Node this long after launch is a leak.
     pub boot_grace: Duration,
+    /// A pool's growth pauses this long after a capacity or quota error, doubling
+    /// while the errors repeat.
+    pub backoff: Duration,
 }
 
 /// What this process remembers between reconciles (a restart starts afresh, which
@@ -53,6 +56,71 @@ pub struct Settings {
 pub struct Memory {
     empty_since: HashMap<String, Timestamp>,
     first_seen: HashMap<String, Timestamp>,
+    /// What the scaler last wrote to each pool's status, by pool uid.
+    written: HashMap<String, Written>,
+}
+
+/// The status fields the scaler owns, as it last wrote them, or after a start as
+/// the pool's status has them. Decisions read this, not the store: a reconcile can
+/// run before the store holds the scaler's own last write, and must neither
+/// undo it (a stale `CapacityAvailable=True` over a fresh `False`) nor repeat the
+/// call that caused it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Written {
+    desired: Option<u32>,
+    instances: Option<u32>,
+    conditions: Vec<Condition>,
+}
+
+impl Written {
+    async fn of(ctx: &Context, pool: &GpuNodePool) -> Written {
+        if let Some(w) = ctx.scaler.memory.lock().await.written.get(&uid_of(pool)) {
+            return w.clone();
+        }
+        let status = pool.status.clone().unwrap_or_default();
+        let mut conditions: Vec<Condition> = status
+            .conditions
+            .into_iter()
+            .filter(|c| OWN_CONDITIONS.contains(&c.type_.as_str()))
+            .collect();
+        conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+        Written {
+            desired: status.desired_nodes,
+            instances: status.cloud_instances,
+            conditions,
+        }
+    }
+
+    fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// A condition of the scaler's, keeping its transition time if the status is
+    /// unchanged.
+    fn make(
+        &self,
+        pool: &GpuNodePool,
+        type_: &str,
+        ok: bool,
+        reason: &str,
+        message: String,
+    ) -> Condition {
+        status::condition(
+            &self.conditions,
+            type_,
+            ok,
+            reason,
+            message,
+            pool.metadata.generation,
+            Timestamp::now(),
+        )
+    }
+}
+
+const OWN_CONDITIONS: [&str; 2] = [condition::CAPACITY_AVAILABLE, condition::CLOUD_REACHABLE];
+
+fn uid_of(pool: &GpuNodePool) -> String {
+    pool.uid().unwrap_or_else(|| pool.name_any())
 }
 
 pub struct Scaler {
@@ -73,7 +141,8 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
             })
             .await;
         } else if target.is_some() {
-            let reachable = condition_for(
+            let before = Written::of(&ctx, &pool).await;
+            let reachable = before.make(
                 &pool,
                 condition::CLOUD_REACHABLE,
                 false,
@@ -83,52 +152,27 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
                     pool.spec.provider
                 ),
             );
-            write_status(&ctx, &pool, None, None, vec![reachable]).await?;
+            write_status(&ctx, &pool, &before, None, None, vec![reachable]).await?;
         }
         return Ok(Action::await_change());
     };
-    finalizer(&api, FINALIZER, pool, |event| async {
+    let result = finalizer(&api, FINALIZER, pool, |event| async {
         match event {
             finalizer::Event::Apply(pool) => apply(pool, &ctx, cloud.as_ref(), &target).await,
             finalizer::Event::Cleanup(pool) => release(pool, &ctx, cloud.as_ref(), &target).await,
         }
     })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
-}
-
-fn condition_for(
-    pool: &GpuNodePool,
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-) -> Condition {
-    let previous = pool
-        .status
-        .as_ref()
-        .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    status::condition(
-        previous,
-        type_,
-        ok,
-        reason,
-        message,
-        pool.metadata.generation,
-        Timestamp::now(),
-    )
-}
-
-fn current_condition<'a>(pool: &'a GpuNodePool, type_: &str) -> Option<&'a Condition> {
-    pool.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
+    .await;
+    match result {
+        Ok(action) => Ok(action),
+        Err(finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e)) => Err(e),
+        // The store lagged behind our own finalizer write, so the patch's test of
+        // the old list failed: the watch event is on its way, look again shortly.
+        Err(finalizer::Error::AddFinalizer(kube::Error::Api(e))) if e.code == 422 => {
+            Ok(Action::requeue(Duration::from_millis(500)))
+        }
+        Err(other) => Err(Error::Finalizer(other.to_string())),
+    }
 }
 
 async fn apply(
@@ -143,11 +187,12 @@ async fn apply(
     let Some(index) = inventory.pool_index(&name) else {
         return Ok(Action::await_change());
     };
+    let before = Written::of(ctx, &pool).await;
     let instances = match cloud.instances(target).await {
         Ok(found) => found,
-        Err(e) => return unreachable_cloud(ctx, &pool, &e).await,
+        Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
     };
-    let reachable = condition_for(
+    let reachable = before.make(
         &pool,
         condition::CLOUD_REACHABLE,
         true,
@@ -160,7 +205,7 @@ async fn apply(
         scaling::nodes_needed(&inventory, index, pool.spec.nodes.min, pool.spec.nodes.max);
 
     // Growth, unless a capacity error blocks it.
-    let backoff = Backoff::of(current_condition(&pool, condition::CAPACITY_AVAILABLE));
+    let backoff = Backoff::of(before.condition(condition::CAPACITY_AVAILABLE));
     let mut capacity = None;
     let mut launched = 0;
     let blocked_until = match backoff {
@@ -183,7 +228,7 @@ async fn apply(
             Ok(n) => {
                 launched = n;
                 tracing::info!(pool = %name, launched = n, have, desired, "scaler: launched instances");
-                capacity = Some(condition_for(
+                capacity = Some(before.make(
                     &pool,
                     condition::CAPACITY_AVAILABLE,
                     true,
@@ -195,7 +240,7 @@ async fn apply(
                 ));
             }
             Err(e) if e.blocks_growth() => {
-                let seconds = backoff.next_seconds();
+                let seconds = backoff.next_seconds(ctx.scaler.settings.backoff);
                 let message = Backoff::blocked_message(&e, seconds, now);
                 tracing::warn!(pool = %name, error = %e, seconds, "scaler: capacity error; pool growth blocked");
                 publish(
@@ -206,7 +251,7 @@ async fn apply(
                     message.clone(),
                 )
                 .await;
-                let mut c = condition_for(
+                let mut c = before.make(
                     &pool,
                     condition::CAPACITY_AVAILABLE,
                     false,
@@ -217,20 +262,20 @@ async fn apply(
                 c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now);
                 capacity = Some(c);
             }
-            Err(e) => return unreachable_cloud(ctx, &pool, &e).await,
+            Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
         }
     } else if blocked_until.is_none()
         && let Backoff::Blocked { seconds, .. } = backoff
     {
-        capacity = Some(condition_for(
+        capacity = Some(before.make(
             &pool,
             condition::CAPACITY_AVAILABLE,
             true,
             scaling::REASON_BACKOFF_EXPIRED,
             Backoff::expired_message(seconds),
         ));
-    } else if current_condition(&pool, condition::CAPACITY_AVAILABLE).is_none() {
-        capacity = Some(condition_for(
+    } else if before.condition(condition::CAPACITY_AVAILABLE).is_none() {
+        capacity = Some(before.make(
             &pool,
             condition::CAPACITY_AVAILABLE,
             true,
@@ -310,7 +355,7 @@ async fn apply(
     terminate.extend(leaks.iter().cloned());
     if !terminate.is_empty() {
         if let Err(e) = cloud.terminate(target, &terminate).await {
-            return unreachable_cloud(ctx, &pool, &e).await;
+            return unreachable_cloud(ctx, &pool, &before, &e).await;
         }
         tracing::info!(pool = %name, ?terminate, leaked = leaks.len(), "scaler: terminated instances");
     }
@@ -318,7 +363,15 @@ async fn apply(
     let cloud_instances = (have + launched).saturating_sub(terminated);
     let mut conditions = vec![reachable];
     conditions.extend(capacity);
-    write_status(ctx, &pool, Some(desired), Some(cloud_instances), conditions).await?;
+    write_status(
+        ctx,
+        &pool,
+        &before,
+        Some(desired),
+        Some(cloud_instances),
+        conditions,
+    )
+    .await?;
 
     // Wake when something is due: instances booting, nodes draining, a cool-down
     // or a backoff ending.
@@ -386,23 +439,25 @@ async fn release(
     for i in &instances {
         memory.first_seen.remove(&i.id);
     }
+    memory.written.remove(&uid_of(&pool));
     Ok(Action::await_change())
 }
 
 async fn unreachable_cloud(
     ctx: &Context,
     pool: &GpuNodePool,
+    before: &Written,
     e: &CloudError,
 ) -> Result<Action, Error> {
     tracing::warn!(pool = %pool.name_any(), error = %e, "scaler: cloud call failed");
-    let reachable = condition_for(
+    let reachable = before.make(
         pool,
         condition::CLOUD_REACHABLE,
         false,
         e.category(),
         e.to_string(),
     );
-    write_status(ctx, pool, None, None, vec![reachable]).await?;
+    write_status(ctx, pool, before, None, None, vec![reachable]).await?;
     ctx.metrics.reconcile_failed(CONTROLLER, e.category());
     let wait = match e.kind {
         crate::cloud::ErrorKind::Throttled {
@@ -413,47 +468,38 @@ async fn unreachable_cloud(
     Ok(Action::requeue(wait))
 }
 
-/// Server-side applies the scaler's status fields, only when they differ.
+/// Server-side applies the scaler's status fields, only when they differ from what
+/// it wrote last. An apply claims exactly what it sends, so the fields and
+/// conditions not set this time are sent as they were.
 async fn write_status(
     ctx: &Context,
     pool: &GpuNodePool,
+    before: &Written,
     desired: Option<u32>,
     instances: Option<u32>,
     conditions: Vec<Condition>,
 ) -> Result<(), Error> {
-    let status = pool.status.clone().unwrap_or_default();
-    let same_condition = |c: &Condition| {
-        status.conditions.iter().any(|o| {
-            o.type_ == c.type_
-                && o.status == c.status
-                && o.reason == c.reason
-                && o.message == c.message
-                && o.last_transition_time == c.last_transition_time
-        })
+    let mut after = Written {
+        desired: desired.or(before.desired),
+        instances: instances.or(before.instances),
+        conditions,
     };
-    let unchanged = desired.is_none_or(|d| status.desired_nodes == Some(d))
-        && instances.is_none_or(|i| status.cloud_instances == Some(i))
-        && conditions.iter().all(same_condition);
-    if unchanged {
-        return Ok(());
-    }
-    // An apply claims exactly what it sends: carry the fields and conditions this
-    // manager owns but does not set this time, so they are not dropped.
-    let mut all = conditions;
-    for type_ in [condition::CAPACITY_AVAILABLE, condition::CLOUD_REACHABLE] {
-        if !all.iter().any(|c| c.type_ == type_)
-            && let Some(c) = status.conditions.iter().find(|c| c.type_ == type_)
-        {
-            all.push(c.clone());
+    for c in &before.conditions {
+        if !after.conditions.iter().any(|n| n.type_ == c.type_) {
+            after.conditions.push(c.clone());
         }
+    }
+    after.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    if &after == before {
+        return Ok(());
     }
     let patch = serde_json::json!({
         "apiVersion": GpuNodePool::api_version(&()),
         "kind": GpuNodePool::kind(&()),
         "status": {
-            "desiredNodes": desired.or(status.desired_nodes),
-            "cloudInstances": instances.or(status.cloud_instances),
-            "conditions": all,
+            "desiredNodes": after.desired,
+            "cloudInstances": after.instances,
+            "conditions": after.conditions,
         },
     });
     let name = pool.name_any();
@@ -466,6 +512,12 @@ async fn write_status(
     .await
     .map_err(|source| Error::Status { name, source })?;
     ctx.metrics.wrote("gpunodepools/status", "apply");
+    ctx.scaler
+        .memory
+        .lock()
+        .await
+        .written
+        .insert(uid_of(pool), after);
     Ok(())
 }
 
@@ -479,13 +531,21 @@ async fn cordon(ctx: &Context, node: &str, on: bool) -> Result<(), Error> {
                            "spec": {"unschedulable": null}})
     };
     let api: Api<Node> = Api::all(ctx.client.clone());
-    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+    match api
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
-        .map_err(|source| Error::Apply {
-            kind: "Node",
-            name: node.to_string(),
-            source,
-        })?;
+    {
+        Ok(_) => {}
+        // Its instance went and the registrar or the cloud controller removed it.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(source) => {
+            return Err(Error::Apply {
+                kind: "Node",
+                name: node.to_string(),
+                source,
+            });
+        }
+    }
     ctx.metrics.wrote("nodes", "patch");
     tracing::info!(%node, cordoned = on, "scaler: node {}", if on { "cordoned for removal" } else { "uncordoned" });
     Ok(())

@@ -7,7 +7,7 @@ use outrigger_crds::GpuNodePool;
 
 use super::*;
 use crate::cloud::{ErrorKind, InstanceState};
-use crate::inventory::{Child, NodeFacts};
+use crate::inventory::{Child, NodeFacts, Readiness};
 
 fn pool(gpus: u32) -> Arc<GpuNodePool> {
     Arc::new(
@@ -25,7 +25,7 @@ fn node(name: &str, allocatable: u32, used: Vec<(Option<(&str, &str)>, u32)>) ->
     NodeFacts {
         name: name.into(),
         pool: Some(0),
-        lost_since: None,
+        readiness: Readiness::Ready,
         allocatable,
         used: used
             .into_iter()
@@ -74,7 +74,7 @@ fn gpus_of_other_workloads_are_not_free() {
     let inv = inventory(vec![node("n0", 8, vec![(None, 6)])], vec![child(1, 4)]);
     assert_eq!(nodes_needed(&inv, 0, 0, 10), 1, "a new node, n0 is full");
     let mut lost = node("n1", 8, vec![]);
-    lost.lost_since = Some(Timestamp::UNIX_EPOCH);
+    lost.readiness = Readiness::Lost(Timestamp::UNIX_EPOCH);
     let inv = inventory(vec![lost], vec![child(1, 4)]);
     assert_eq!(nodes_needed(&inv, 0, 0, 10), 1, "a lost node holds nothing");
 }
@@ -88,7 +88,7 @@ fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
         "InsufficientInstanceCapacity",
         "no p5 in us-east-1a",
     );
-    let seconds = Backoff::Clear.next_seconds();
+    let seconds = Backoff::Clear.next_seconds(BACKOFF_FIRST);
     assert_eq!(seconds, 180);
     let blocked = Condition {
         type_: "CapacityAvailable".into(),
@@ -111,7 +111,7 @@ fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
         "{}",
         blocked.message
     );
-    assert_eq!(backoff.next_seconds(), 360);
+    assert_eq!(backoff.next_seconds(BACKOFF_FIRST), 360);
     let expired = Condition {
         status: "True".into(),
         reason: REASON_BACKOFF_EXPIRED.into(),
@@ -122,7 +122,11 @@ fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
         Backoff::of(Some(&expired)),
         Backoff::Expired { seconds: 1440 }
     );
-    assert_eq!(Backoff::of(Some(&expired)).next_seconds(), 1800, "capped");
+    assert_eq!(
+        Backoff::of(Some(&expired)).next_seconds(BACKOFF_FIRST),
+        1800,
+        "capped"
+    );
     assert_eq!(Backoff::of(None), Backoff::Clear);
 }
 
