@@ -52,9 +52,12 @@ pub enum Readiness {
     Lost(Timestamp),
 }
 
-/// A node whose Ready condition has not moved for this long after it registered
-/// has not been Ready yet: it is booting, not lost.
+/// A node whose kubelet says `KubeletNotReady` and whose Ready condition has not
+/// moved since (within this much of) its registration has not been Ready yet: it is
+/// booting, not lost. The slack covers the kubelet's clock against the API server's.
 const FIRST_READY_WINDOW: SignedDuration = SignedDuration::from_secs(10);
+/// The kubelet's reason for a Ready=False condition while it starts.
+const KUBELET_NOT_READY: &str = "KubeletNotReady";
 
 /// One child Deployment Outrigger applied.
 #[derive(Debug, Clone)]
@@ -143,9 +146,10 @@ fn owner_of(labels_: Option<&BTreeMap<String, String>>, namespace: Option<&Strin
     Some((namespace?.clone(), md.clone()))
 }
 
-/// How a node counts: Ready; booting (no Ready condition yet, or one that is not
-/// True and has not changed since the node registered); or lost since its Ready
-/// condition left True, or since it was tainted unreachable.
+/// How a node counts: Ready; booting (no Ready condition yet, or the kubelet's
+/// `KubeletNotReady` from registration on); or lost since its Ready condition left
+/// True (`Unknown` when the node stopped reporting), or since it was tainted
+/// unreachable.
 pub fn readiness(node: &Node, now: Timestamp) -> Readiness {
     let ready = node
         .status
@@ -164,9 +168,13 @@ pub fn readiness(node: &Node, now: Timestamp) -> Readiness {
         (None, None) => Readiness::Booting,
         (Some(c), None) => {
             let since = c.last_transition_time.as_ref().map_or(now, |t| t.0);
-            match created {
-                Some(created) if since <= created + FIRST_READY_WINDOW => Readiness::Booting,
-                _ => Readiness::Lost(since),
+            let starting = c.status == "False"
+                && c.reason.as_deref() == Some(KUBELET_NOT_READY)
+                && created.is_some_and(|created| since <= created + FIRST_READY_WINDOW);
+            if starting {
+                Readiness::Booting
+            } else {
+                Readiness::Lost(since)
             }
         }
     }

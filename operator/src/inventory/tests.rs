@@ -21,8 +21,8 @@ fn node(conditions: serde_json::Value, taints: serde_json::Value) -> Arc<Node> {
     )
 }
 
-fn ready(status: &str, since: &str) -> serde_json::Value {
-    json!([{"type": "Ready", "status": status, "lastTransitionTime": since}])
+fn ready(status: &str, reason: &str, since: &str) -> serde_json::Value {
+    json!([{"type": "Ready", "status": status, "reason": reason, "lastTransitionTime": since}])
 }
 
 fn at(t: &str) -> Timestamp {
@@ -47,15 +47,29 @@ fn a_node_that_never_was_ready_is_booting_not_lost() {
     let now = at("2026-01-01T00:05:00Z");
     let cases = [
         (json!(null), json!(null), Readiness::Booting),
-        (ready("False", CREATED), json!(null), Readiness::Booting),
-        (ready("True", CREATED), json!(null), Readiness::Ready),
         (
-            ready("Unknown", "2026-01-01T00:01:00Z"),
+            ready("False", "KubeletNotReady", CREATED),
+            json!(null),
+            Readiness::Booting,
+        ),
+        (
+            ready("True", "KubeletReady", CREATED),
+            json!(null),
+            Readiness::Ready,
+        ),
+        // Stopped reporting soon after it started: lost, not booting.
+        (
+            ready("Unknown", "NodeStatusUnknown", "2026-01-01T00:00:08Z"),
+            json!(null),
+            Readiness::Lost(at("2026-01-01T00:00:08Z")),
+        ),
+        (
+            ready("False", "KubeletNotReady", "2026-01-01T00:01:00Z"),
             json!(null),
             Readiness::Lost(at("2026-01-01T00:01:00Z")),
         ),
         (
-            ready("True", CREATED),
+            ready("True", "KubeletReady", CREATED),
             json!([{"key": labels::UNREACHABLE_TAINT, "effect": "NoExecute",
                     "timeAdded": "2026-01-01T00:02:00Z"}]),
             Readiness::Lost(at("2026-01-01T00:02:00Z")),
