@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -16,7 +17,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Client, Resource};
 use outrigger_crds::{GpuNodePool, ModelDeployment};
@@ -258,12 +259,23 @@ async fn shutdown_signal() {
     }
 }
 
-/// Where a reflector reports the changes that matter, and which ones do.
-type Poke<K> = (watch::Sender<u64>, fn(&K) -> u64);
+/// A ModelDeployment as its controller names it.
+type MdRef = ObjectRef<DeserializeGuard<ModelDeployment>>;
+
+/// Whom a reflector tells about changes, once its store holds them (a trigger from
+/// a watch of its own could arrive before the store has the change, and a reconcile
+/// would then act on the old object with nothing to trigger it again).
+enum Notify<K> {
+    Nobody,
+    /// Poke everyone listening on the channel when an object's fingerprint (what
+    /// placement sees of it) changes, or an object goes.
+    Fingerprint(watch::Sender<u64>, fn(&K) -> u64),
+    /// Hand every changed or deleted object's owning ModelDeployment to its controller.
+    Owner(mpsc::UnboundedSender<MdRef>),
+}
 
 /// A reflector whose store the controllers read, kept current by its own task.
-/// `fingerprint` says which changes matter to placement: only those poke `changed`.
-fn mirror<K>(api: Api<K>, config: watcher::Config, changed: Option<Poke<K>>) -> Store<K>
+fn mirror<K>(api: Api<K>, config: watcher::Config, notify: Notify<K>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -279,19 +291,13 @@ where
         let mut seen: HashMap<String, u64> = HashMap::new();
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            let Some((sender, fingerprint)) = &changed else {
-                continue;
-            };
-            let touched: Vec<K> = match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => vec![obj],
-                Ok(watcher::Event::Delete(obj)) => {
-                    let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
-                    seen.remove(&key);
-                    sender.send_modify(|n| *n += 1);
-                    continue;
-                }
+            let (obj, deleted) = match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => (obj, false),
+                Ok(watcher::Event::Delete(obj)) => (obj, true),
                 Ok(watcher::Event::InitDone) => {
-                    sender.send_modify(|n| *n += 1);
+                    if let Notify::Fingerprint(sender, _) = &notify {
+                        sender.send_modify(|n| *n += 1);
+                    }
                     continue;
                 }
                 Ok(watcher::Event::Init) => continue,
@@ -300,11 +306,28 @@ where
                     continue;
                 }
             };
-            for obj in touched {
-                let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
-                let print = fingerprint(&obj);
-                if seen.insert(key, print) != Some(print) {
-                    sender.send_modify(|n| *n += 1);
+            match &notify {
+                Notify::Nobody => {}
+                Notify::Fingerprint(sender, fingerprint) => {
+                    let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
+                    let changed = if deleted {
+                        seen.remove(&key);
+                        true
+                    } else {
+                        let print = fingerprint(&obj);
+                        seen.insert(key, print) != Some(print)
+                    };
+                    if changed {
+                        sender.send_modify(|n| *n += 1);
+                    }
+                }
+                Notify::Owner(sender) => {
+                    let meta = obj.meta();
+                    let owner = meta.labels.as_ref().and_then(|l| l.get(labels::DEPLOYMENT));
+                    if let (Some(owner), Some(ns)) = (owner, &meta.namespace) {
+                        // The receiver lives as long as the controllers.
+                        let _ = sender.unbounded_send(MdRef::new(owner).within(ns));
+                    }
                 }
             }
         }
@@ -378,36 +401,38 @@ async fn run_controllers(
     // which the pool controllers report (a plan sees them on its next pass).
     let (changed, _) = watch::channel(0u64);
     let (usage, _) = watch::channel(0u64);
+    // Child Deployments trigger their ModelDeployment through their store.
+    let (children_changed, owners) = mpsc::unbounded();
     let stores = Stores {
         pools: mirror(
             Api::all(client.clone()),
             watcher::Config::default(),
-            Some((changed.clone(), pool_fingerprint)),
+            Notify::Fingerprint(changed.clone(), pool_fingerprint),
         ),
         nodes: mirror(
             Api::all(client.clone()),
             watcher::Config::default(),
-            Some((changed.clone(), node_fingerprint)),
+            Notify::Fingerprint(changed.clone(), node_fingerprint),
         ),
         pods: mirror(
             Api::all(client.clone()),
             watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
-            Some((usage.clone(), pod_fingerprint)),
+            Notify::Fingerprint(usage.clone(), pod_fingerprint),
         ),
         deployments: mirror(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels(&managed),
-            None,
+            Notify::Owner(children_changed),
         ),
         services: mirror(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&managed),
-            None,
+            Notify::Nobody,
         ),
         budgets: mirror(
             Api::<PodDisruptionBudget>::all(client.clone()),
             watcher::Config::default().labels(&managed),
-            None,
+            Notify::Nobody,
         ),
     };
     for (what, waited) in [
@@ -459,10 +484,7 @@ async fn run_controllers(
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(
-        Api::<Deployment>::all(client.clone()),
-        watcher::Config::default().labels(&managed),
-    )
+    .reconcile_on(owners)
     .reconcile_all_on(pokes(changed.subscribe()))
     .with_config(config.clone())
     .graceful_shutdown_on(stopped(stop.clone()))

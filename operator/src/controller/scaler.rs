@@ -293,14 +293,14 @@ async fn apply(
         .into_iter()
         .filter(|n| selector.iter().all(|(k, v)| n.labels().get(k) == Some(v)))
         .collect();
+    // Nodes of live instances only: a node whose instance is already going is
+    // neither kept nor returned again.
     let node_instances: BTreeMap<String, String> = nodes
         .iter()
         .filter_map(|n| {
             let provider_id = n.spec.as_ref()?.provider_id.as_deref()?;
-            Some((
-                n.name_any(),
-                scaling::instance_of(provider_id, &instances)?.id.clone(),
-            ))
+            let instance = scaling::instance_of(provider_id, &instances).filter(|i| i.live())?;
+            Some((n.name_any(), instance.id.clone()))
         })
         .collect();
     let (seats, leaks) = {
