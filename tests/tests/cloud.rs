@@ -269,17 +269,42 @@ async fn delete_pools(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Clien
     sim.control.delete_scale_set(SUB, "e2e", &pools.azure).await;
 }
 
+/// The cluster's client and simulators, cleared of faults, and a fresh pair of pools.
+struct Scene {
+    client: Client,
+    sim: SimClouds,
+    ec2: aws_sdk_ec2::Client,
+    pools: Pools,
+}
+
+impl Scene {
+    async fn new() -> Scene {
+        let client = e2e::client().await;
+        let sim = SimClouds::from_env();
+        let ec2 = sim.ec2(AWS_REGION).await;
+        sim.control.clear_all().await;
+        let pools = Pools::create(&client, &sim, &ec2).await;
+        Scene {
+            client,
+            sim,
+            ec2,
+            pools,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
     if !e2e::enabled("cloud scaling") {
         return;
     }
     let _turn = e2e::serial().await;
-    let client = e2e::client().await;
-    let sim = SimClouds::from_env();
-    let ec2 = sim.ec2(AWS_REGION).await;
-    sim.control.clear_all().await;
-    let pools = Pools::create(&client, &sim, &ec2).await;
+    let Scene {
+        client,
+        sim,
+        ec2,
+        pools,
+    } = Scene::new().await;
     let pool_api: Api<GpuNodePool> = Api::all(client.clone());
     let operator = operator(&sim, "cloud-e2e").await;
     println!("operator log: {}", operator.log.display());
@@ -428,11 +453,12 @@ async fn operator_killed_during_scaling_leaves_no_duplicate_orphan_or_lost_repli
         return;
     }
     let _turn = e2e::serial().await;
-    let client = e2e::client().await;
-    let sim = SimClouds::from_env();
-    let ec2 = sim.ec2(AWS_REGION).await;
-    sim.control.clear_all().await;
-    let pools = Pools::create(&client, &sim, &ec2).await;
+    let Scene {
+        client,
+        sim,
+        ec2,
+        pools,
+    } = Scene::new().await;
     let ns = TestNamespace::new(&client, "chaos").await;
     let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     md_api
