@@ -259,6 +259,10 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long a ModelDeployment or pool reconcile waits for more triggers of the same
+/// object: short next to failover's seconds, long enough to merge a burst.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
 /// A ModelDeployment as its controller names it.
 type MdRef = ObjectRef<DeserializeGuard<ModelDeployment>>;
 
@@ -479,7 +483,11 @@ async fn run_controllers(
         let _ = rx.wait_for(|s| *s).await;
     };
     // One reconcile at a time: each plan sees the capacity the previous one took.
-    let config = controller::Config::default().concurrency(1);
+    // Triggers for one object within DEBOUNCE make one reconcile: a rollout's burst
+    // of child status updates is planned and written once, not once per update.
+    let config = controller::Config::default()
+        .concurrency(1)
+        .debounce(DEBOUNCE);
     let deployments = Controller::new(
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watcher::Config::default(),
