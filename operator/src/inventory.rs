@@ -141,7 +141,11 @@ pub fn pod_gpus(pod: &Pod) -> u32 {
     })
 }
 
-fn owner_of(labels_: Option<&BTreeMap<String, String>>, namespace: Option<&String>) -> Option<Key> {
+/// The ModelDeployment an object of Outrigger's belongs to, from its labels.
+pub fn owner_of(
+    labels_: Option<&BTreeMap<String, String>>,
+    namespace: Option<&String>,
+) -> Option<Key> {
     let md = labels_?.get(labels::DEPLOYMENT)?;
     Some((namespace?.clone(), md.clone()))
 }

@@ -327,10 +327,11 @@ where
                 }
                 Notify::Owner(sender) => {
                     let meta = obj.meta();
-                    let owner = meta.labels.as_ref().and_then(|l| l.get(labels::DEPLOYMENT));
-                    if let (Some(owner), Some(ns)) = (owner, &meta.namespace) {
+                    if let Some((ns, name)) =
+                        inventory::owner_of(meta.labels.as_ref(), meta.namespace.as_ref())
+                    {
                         // The receiver lives as long as the controllers.
-                        let _ = sender.unbounded_send(MdRef::new(owner).within(ns));
+                        let _ = sender.unbounded_send(MdRef::new(&name).within(&ns));
                     }
                 }
             }

@@ -37,6 +37,7 @@ pub async fn client() -> Client {
 pub struct SimClouds {
     pub ec2_url: String,
     pub azure_url: String,
+    pub control_url: String,
     pub control: Control,
 }
 
@@ -44,14 +45,17 @@ impl SimClouds {
     pub fn from_env() -> SimClouds {
         let var =
             |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        let control_url = var("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083");
         SimClouds {
             ec2_url: var("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:18081"),
             azure_url: var("AZURE_ENDPOINT_URL", "http://127.0.0.1:18082"),
-            control: Control::new(&var("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083")),
+            control: Control::new(&control_url),
+            control_url,
         }
     }
 
-    /// The real EC2 client against the simulator, in `region`.
+    /// The real EC2 client against the simulator, in `region`, with the SDK's own
+    /// retries off so every simulated fault reaches the caller as the cloud gave it.
     pub async fn ec2(&self, region: &str) -> aws_sdk_ec2::Client {
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
@@ -63,6 +67,7 @@ impl SimClouds {
                 "e2e",
             ))
             .endpoint_url(&self.ec2_url)
+            .retry_config(aws_config::retry::RetryConfig::disabled())
             .load()
             .await;
         aws_sdk_ec2::Client::new(&config)

@@ -13,8 +13,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{InstanceType, Placement, ResourceType, Tag, TagSpecification};
 use azure_core::auth::{AccessToken, TokenCredential};
@@ -28,7 +26,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::GpuNodePool;
-use outrigger_tests::harness::{Control, e2e_requested, eventually};
+use outrigger_tests::e2e::SimClouds;
+use outrigger_tests::harness::{e2e_requested, eventually};
 use serde_json::{Value, json};
 
 /// Nodes appear after the boot delay (2 s) and a registrar pass; pods after the
@@ -38,10 +37,6 @@ const AWS_ZONE: &str = "us-east-1a";
 /// A region only this test uses, so its outage touches no other test's Nodes.
 const AZURE_REGION: &str = "westus3";
 const SUBSCRIPTION: &str = "00000000-0000-0000-0000-00000000beef";
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
 
 #[derive(Debug)]
 struct StaticToken;
@@ -65,8 +60,7 @@ struct Run {
     suffix: String,
     kube: Client,
     ec2: aws_sdk_ec2::Client,
-    control: Control,
-    azure_url: String,
+    sim: SimClouds,
 }
 
 impl Run {
@@ -95,25 +89,12 @@ async fn simulated_clouds_make_nodes_that_fail_and_recover() {
     let kube = Client::try_default()
         .await
         .expect("a kubeconfig for the local cluster (eval \"$(hack/cluster env)\")");
-    let aws = aws_config::defaults(BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-            "outrigger-local",
-            "outrigger-local",
-            None,
-            None,
-            "smoke",
-        ))
-        .endpoint_url(env_or("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:18081"))
-        .retry_config(RetryConfig::disabled())
-        .load()
-        .await;
+    let sim = SimClouds::from_env();
     let run = Run {
         suffix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
         kube,
-        ec2: aws_sdk_ec2::Client::new(&aws),
-        control: Control::new(&env_or("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083")),
-        azure_url: env_or("AZURE_ENDPOINT_URL", "http://127.0.0.1:18082"),
+        ec2: sim.ec2("us-east-1").await,
+        sim,
     };
     let outcome = AssertUnwindSafe(steps(&run)).catch_unwind().await;
     clean_up(&run).await;
@@ -354,6 +335,7 @@ async fn aws_instances_become_nodes_that_run_gpu_pods(run: &Run) {
 async fn capacity_error_reaches_the_sdk(run: &Run) {
     // A zone and a type no other test launches in, and one hit only.
     let fault = run
+        .sim
         .control
         .inject(json!({
             "fault": "InsufficientInstanceCapacity",
@@ -372,7 +354,7 @@ async fn capacity_error_reaches_the_sdk(run: &Run) {
         .await
         .expect_err("no p4d capacity in us-east-1f");
     assert_eq!(err.code(), Some("InsufficientInstanceCapacity"), "{err:?}");
-    let left = run.control.state().await;
+    let left = run.sim.control.state().await;
     assert!(
         left["faults"]
             .as_array()
@@ -384,7 +366,8 @@ async fn capacity_error_reaches_the_sdk(run: &Run) {
 async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_back(run: &Run) {
     let pool = run.azure_pool();
     let (rg, name) = (run.resource_group(), run.scale_set());
-    run.control
+    run.sim
+        .control
         .create_scale_set(json!({
             "subscriptionId": SUBSCRIPTION, "resourceGroup": rg, "name": name,
             "location": AZURE_REGION, "sku": "Standard_ND96isr_H100_v5",
@@ -393,7 +376,7 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         .await;
 
     let client = ClientBuilder::new(Arc::new(StaticToken))
-        .endpoint(azure_core::Url::parse(&run.azure_url).expect("AZURE_ENDPOINT_URL"))
+        .endpoint(azure_core::Url::parse(&run.sim.azure_url).expect("AZURE_ENDPOINT_URL"))
         .build()
         .expect("an Azure client");
     let update = VirtualMachineScaleSetUpdate {
@@ -464,7 +447,8 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         );
     }
 
-    run.control
+    run.sim
+        .control
         .outage(json!({"provider": "azure", "region": AZURE_REGION}))
         .await;
     let down = wait_nodes(&run.kube, &pool, 2, "Unknown").await;
@@ -504,10 +488,13 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         );
     }
 
-    run.control.recover("azure").await;
+    run.sim.control.recover("azure").await;
     wait_nodes(&run.kube, &pool, 2, "True").await;
 
-    run.control.delete_scale_set(SUBSCRIPTION, &rg, &name).await;
+    run.sim
+        .control
+        .delete_scale_set(SUBSCRIPTION, &rg, &name)
+        .await;
     eventually("the deleted scale set's nodes to go", DEADLINE, || async {
         nodes_of(&run.kube, &pool).await.is_empty().then_some(())
     })
@@ -517,7 +504,7 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
 /// Removes what the run made; each step tolerates it being gone already.
 async fn clean_up(run: &Run) {
     let http = reqwest::Client::new();
-    let control = env_or("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083");
+    let control = &run.sim.control_url;
     let _ = http
         .delete(format!(
             "{control}/outage?provider=azure&region={AZURE_REGION}"
