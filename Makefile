@@ -6,11 +6,11 @@ export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
-.PHONY: test fmt-check clippy unit e2e chart-check e2e-as-sa tools crds demo bench build cluster-up cluster-down
+.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench build cluster-up cluster-down peers-up peers-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
 ## fresh local cluster (built on first use; see docs/local-cluster.md)
-test: fmt-check clippy unit e2e chart-check e2e-as-sa
+test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa
 
 fmt-check:
 	cargo fmt --all --check
@@ -31,6 +31,11 @@ tools:
 ## e2e: a fresh local cluster with the simulators, the operator tests, then down
 e2e: tools
 	hack/e2e --test cluster_smoke --test operator --test leader --test cloud
+
+## e2e-peers: two fresh local clusters side by side (hack/peers: aws and azure, one
+## pair of simulators), the several-clusters tests, then down
+e2e-peers: tools
+	hack/e2e-peers --test peers_smoke
 
 ## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
 ## API server and the CRDs), helm install into a restricted namespace (own cluster)
@@ -63,3 +68,9 @@ cluster-up:
 
 cluster-down:
 	hack/cluster down
+
+peers-up: tools
+	hack/peers up
+
+peers-down:
+	hack/peers down

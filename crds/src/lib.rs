@@ -34,6 +34,10 @@ pub const VERSION: &str = "v1alpha1";
 /// Node label that, by default, marks a node as belonging to a pool
 /// (`outrigger.dev/pool: <pool name>`).
 pub const POOL_LABEL: &str = "outrigger.dev/pool";
+/// Cloud tag naming the cluster (the operator's `--cluster-name`) whose Outrigger
+/// launched an instance, so clusters sharing an account never touch each other's
+/// instances, and a joining machine knows which cluster it belongs to.
+pub const CLUSTER_TAG: &str = "outrigger.dev/cluster";
 
 /// Condition types Outrigger writes in the status of its resources.
 pub mod condition {

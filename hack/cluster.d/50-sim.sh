@@ -17,8 +17,13 @@
 #   OUTRIGGER_SIM_CAPACITY       capacity limits at start, comma-separated
 #                                PROVIDER/INSTANCE_TYPE/REGION[/ZONE]=N
 #   OUTRIGGER_SIM_BIN            an outrigger-sim binary to run instead of building one
+#   OUTRIGGER_SIM_CLUSTERS       named clusters for the node registrar, space-separated
+#                                NAME=KUBECONFIG (hack/peers); default: this cluster
+#   OUTRIGGER_SIM_LINKS          peer links, space-separated FROM:TO=LISTEN=TARGET (hack/peers)
+#   OUTRIGGER_SIM_CLUSTER_SCRIPT the script behind the control API's /clusters/NAME/down|up
 #
-# `hack/cluster fault ...` drives the control API (see `hack/cluster fault --help`).
+# `hack/cluster fault ...` drives the control API (see `hack/cluster fault --help`);
+# `hack/cluster clouds FILE...` makes what the GpuNodePools in FILEs need.
 
 SIM_MOTO_PORT="${OUTRIGGER_SIM_MOTO_PORT:-18080}"
 SIM_EC2_PORT="${OUTRIGGER_SIM_EC2_PORT:-18081}"
@@ -44,7 +49,9 @@ ready_moto() {
 }
 
 # sim_binary: the outrigger-sim to run: OUTRIGGER_SIM_BIN, else cargo's build of
-# it (a no-op when nothing changed; the first build compiles kube and axum).
+# it (a no-op when nothing changed). The build is the one invocation that hack/e2e
+# and hack/demo make too: another package set would unify other features and
+# compile the AWS SDK a second time.
 sim_binary() {
     if [[ -n "${OUTRIGGER_SIM_BIN:-}" ]]; then
         echo "$OUTRIGGER_SIM_BIN"
@@ -53,8 +60,8 @@ sim_binary() {
     command -v cargo >/dev/null || die "outrigger-sim: cargo is needed to build it (or set OUTRIGGER_SIM_BIN)"
     local out exe
     mkdir -p "$LOGS"
-    log "outrigger-sim: cargo build -p outrigger-tests --bin outrigger-sim (log $LOGS/outrigger-sim-build.log)"
-    if ! out="$(cd "$REPO" && cargo build -p outrigger-tests --bin outrigger-sim \
+    log "outrigger-sim: cargo build --locked -p outrigger -p outrigger-tests --bins (log $LOGS/outrigger-sim-build.log)"
+    if ! out="$(cd "$REPO" && cargo build --locked -p outrigger -p outrigger-tests --bins \
                  --message-format=json-render-diagnostics 2>"$LOGS/outrigger-sim-build.log")"; then
         tail -n 30 "$LOGS/outrigger-sim-build.log" >&2
         die "outrigger-sim: the build failed (log $LOGS/outrigger-sim-build.log)"
@@ -71,13 +78,23 @@ start_outrigger_sim() {
     echo "$exe" >"$RUN/outrigger-sim.bin"
     # outrigger-sim reads OUTRIGGER_SIM_CAPACITY itself; set but empty means none.
     [[ -n "${OUTRIGGER_SIM_CAPACITY:-}" ]] || unset OUTRIGGER_SIM_CAPACITY
+    local targets=() c l
+    if [[ -n "${OUTRIGGER_SIM_CLUSTERS:-}" ]]; then
+        for c in $OUTRIGGER_SIM_CLUSTERS; do targets+=(--cluster "$c"); done
+    else
+        targets=(--kubeconfig "$KUBECONFIG_ADMIN")
+    fi
+    for l in ${OUTRIGGER_SIM_LINKS:-}; do targets+=(--link "$l"); done
+    [[ -z "${OUTRIGGER_SIM_CLUSTER_SCRIPT:-}" ]] || targets+=(--cluster-script "$OUTRIGGER_SIM_CLUSTER_SCRIPT")
+    # --instance names the run folder, which is how `down` knows the process as ours.
     spawn outrigger-sim "$exe" serve \
+        --instance "$RUN" \
         --moto-url "http://$HOST:$SIM_MOTO_PORT" \
         --ec2-listen "$HOST:$SIM_EC2_PORT" \
         --azure-listen "$HOST:$SIM_AZURE_PORT" \
         --control-listen "$HOST:$SIM_CONTROL_PORT" \
-        --kubeconfig "$KUBECONFIG_ADMIN" \
-        --boot-delay "${OUTRIGGER_SIM_BOOT_DELAY:-2}"
+        --boot-delay "${OUTRIGGER_SIM_BOOT_DELAY:-2}" \
+        "${targets[@]}"
 }
 ready_outrigger_sim() {
     http_ok "http://$HOST:$SIM_CONTROL_PORT/healthz"
@@ -92,16 +109,31 @@ env_outrigger_sim() {
     printf 'export OUTRIGGER_SIM_URL=%q\n' "http://$HOST:$SIM_CONTROL_PORT"
 }
 
+# sim_cli: the outrigger-sim binary the running simulator was started from.
+sim_cli() {
+    if [[ -n "${OUTRIGGER_SIM_BIN:-}" ]]; then
+        echo "$OUTRIGGER_SIM_BIN"
+    elif [[ -x "$(cat "$RUN/outrigger-sim.bin" 2>/dev/null)" ]]; then
+        cat "$RUN/outrigger-sim.bin"
+    else
+        sim_binary
+    fi
+}
+
 # cmd_fault ARGS...: `hack/cluster fault ...`, the simulator's fault CLI
 # (`outrigger-sim fault`) against this cluster's control API.
 cmd_fault() {
     local exe
-    if [[ -n "${OUTRIGGER_SIM_BIN:-}" ]]; then
-        exe="$OUTRIGGER_SIM_BIN"
-    elif [[ -x "$(cat "$RUN/outrigger-sim.bin" 2>/dev/null)" ]]; then
-        exe="$(cat "$RUN/outrigger-sim.bin")"
-    else
-        exe="$(sim_binary)" || return 1
-    fi
+    exe="$(sim_cli)" || return 1
     OUTRIGGER_SIM_URL="http://$HOST:$SIM_CONTROL_PORT" exec "$exe" fault "$@"
+}
+
+# cmd_clouds [--cluster NAME] FILE...: `hack/cluster clouds`, the launch templates
+# and scale sets the GpuNodePools in FILEs name, made in this cluster's simulators.
+cmd_clouds() {
+    local exe
+    exe="$(sim_cli)" || return 1
+    OUTRIGGER_SIM_URL="http://$HOST:$SIM_CONTROL_PORT" \
+    AWS_ENDPOINT_URL_EC2="http://$HOST:$SIM_EC2_PORT" \
+        exec "$exe" clouds "$@"
 }

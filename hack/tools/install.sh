@@ -99,17 +99,23 @@ build_go_tool() {
         log "$name: already built"
         return 0
     fi
-    local t0=$SECONDS
-    log "$name: go build $pkg (module hack/tools/$dir)"
-    nice -n 10 "$GO_BIN" build -C "$HERE/$dir" -trimpath -ldflags="-s -w $extra" \
-        -o "$BIN/.$name.partial" "$pkg"
+    local t0=$SECONDS buildlog="$PREFIX/logs/$name.log"
+    mkdir -p "$PREFIX/logs"
+    # `go build` prints a "go: downloading" line per module: those go to the log,
+    # and the terminal gets one line per tool. A failure shows the log's tail.
+    if ! nice -n 10 "$GO_BIN" build -C "$HERE/$dir" -trimpath -ldflags="-s -w $extra" \
+        -o "$BIN/.$name.partial" "$pkg" >"$buildlog" 2>&1; then
+        tail -n 40 "$buildlog" >&2
+        die "$name: go build $pkg (module hack/tools/$dir) failed; full log: $buildlog"
+    fi
     mv -f "$BIN/.$name.partial" "$BIN/$name"
-    log "$name: built in $((SECONDS - t0)) s"
+    log "$name: built in $((SECONDS - t0)) s (go build $pkg, log $buildlog)"
 }
 
 module_version() {
     # module_version <module dir> <module path>
-    "$GO_BIN" list -C "$HERE/$1" -m -f '{{.Version}}' "$2"
+    mkdir -p "$PREFIX/logs"
+    "$GO_BIN" list -C "$HERE/$1" -m -f '{{.Version}}' "$2" 2>>"$PREFIX/logs/go-list.log"
 }
 
 install_kubectl_helm() {
@@ -160,7 +166,7 @@ write_kwok_stages() {
     # when deleted.
     local out="$PREFIX/share/kwok/stages.yaml" src f
     [[ -f "$out" ]] && return 0
-    src="$("$GO_BIN" list -C "$HERE/kwok" -m -f '{{.Dir}}' sigs.k8s.io/kwok)"
+    src="$("$GO_BIN" list -C "$HERE/kwok" -m -f '{{.Dir}}' sigs.k8s.io/kwok 2>>"$PREFIX/logs/go-list.log")"
     [[ -d "$src/kustomize/stage" ]] || die "kwok module source not found at $src"
     mkdir -p "$(dirname "$out")"
     {

@@ -14,7 +14,12 @@
 //! | `GET /capacity`, `PUT /capacity` | `{"provider", "instanceType", "region", "zone", "limit": N or null}` |
 //! | `POST /azure/scalesets` | create a scale set (see [`ScaleSetFixture`]) |
 //! | `DELETE /azure/scalesets/{subscription}/{resourceGroup}/{name}` | delete one, with its VMs |
-//! | `POST /reset` | forget everything: moto's resources, scale sets, faults, outages, limits |
+//! | `GET /links` | the peer links between clusters (`hack/peers`) and their modes |
+//! | `POST /links/partition` | `{"a": "aws", "b": "azure", "mode": "refuse" or "blackhole"}`: cut both directions |
+//! | `POST /links/heal` | `{"a": "aws", "b": "azure"}` (either or both optional): open the links again |
+//! | `POST /clusters/{name}/down` | stop a whole cluster's control plane, keeping its data (`hack/peers fault down`) |
+//! | `POST /clusters/{name}/up` | start it again with the same data |
+//! | `POST /reset` | forget everything: moto's resources, scale sets, faults, outages, limits; heal every link |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +36,7 @@ use serde_json::{Value, json};
 
 use crate::azure::scale_set::{ScaleSetFixture, ScaleSetKey};
 use crate::faults::{CapacityLimit, Fault, Outage};
+use crate::links::LinkMode;
 use crate::simulator::Shared;
 
 /// A control API error: a status and a message.
@@ -60,6 +66,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/azure/scalesets/{sub}/{rg}/{name}",
             delete(delete_scale_set),
         )
+        .route("/links", get(list_links))
+        .route("/links/partition", post(partition))
+        .route("/links/heal", post(heal))
+        .route("/clusters/{name}/{action}", post(cluster_action))
         .route("/reset", post(reset))
         .with_state(shared)
 }
@@ -108,6 +118,7 @@ async fn state(State(shared): State<Arc<Shared>>) -> Json<Value> {
         "capacity": book.capacity(),
         "aws": {"regions": shared.aws_regions(), "moto": shared.moto.base()},
         "azure": {"scaleSets": azure},
+        "links": shared.links.states(),
     }))
 }
 
@@ -245,6 +256,105 @@ async fn delete_scale_set(
     }
 }
 
+async fn list_links(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!(shared.links.states()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionRequest {
+    a: String,
+    b: String,
+    #[serde(default = "refuse")]
+    mode: LinkMode,
+}
+
+fn refuse() -> LinkMode {
+    LinkMode::Refuse
+}
+
+async fn partition(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<PartitionRequest>,
+) -> Result<Json<Value>, ControlError> {
+    if request.mode == LinkMode::Open {
+        return Err(bad_request(
+            "mode must be refuse or blackhole; POST /links/heal opens links",
+        ));
+    }
+    if !shared.links.joins(&request.a, &request.b) {
+        return Err(ControlError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no peer link joins {} and {}; the links are set with outrigger-sim serve --link (hack/peers)",
+                request.a, request.b
+            ),
+        ));
+    }
+    let cut = shared
+        .links
+        .set(Some(&request.a), Some(&request.b), request.mode);
+    tracing::info!(a = %request.a, b = %request.b, mode = ?request.mode, cut, "control: partition");
+    Ok(Json(json!({ "cut": cut, "links": shared.links.states() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealRequest {
+    a: Option<String>,
+    b: Option<String>,
+}
+
+async fn heal(State(shared): State<Arc<Shared>>, Json(request): Json<HealRequest>) -> Json<Value> {
+    let healed = shared
+        .links
+        .set(request.a.as_deref(), request.b.as_deref(), LinkMode::Open);
+    tracing::info!(a = ?request.a, b = ?request.b, healed, "control: links healed");
+    Json(json!({ "healed": healed, "links": shared.links.states() }))
+}
+
+/// `down` or `up` of a whole cluster, through the script that runs the clusters.
+async fn cluster_action(
+    State(shared): State<Arc<Shared>>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<Value>, ControlError> {
+    if !matches!(action.as_str(), "down" | "up") {
+        return Err(ControlError(
+            StatusCode::NOT_FOUND,
+            format!("no cluster action {action:?}: down or up"),
+        ));
+    }
+    let Some(script) = &shared.cluster_script else {
+        return Err(ControlError(
+            StatusCode::NOT_IMPLEMENTED,
+            "this simulator runs no clusters of its own (start it with --cluster-script, as hack/peers does)".to_string(),
+        ));
+    };
+    let output = tokio::process::Command::new(script)
+        .args(["fault", &action, &name])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            ControlError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to run {}: {e}", script.display()),
+            )
+        })?;
+    let log = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        return Err(ControlError(
+            StatusCode::CONFLICT,
+            format!("{} fault {action} {name} failed: {log}", script.display()),
+        ));
+    }
+    tracing::info!(cluster = %name, %action, "control: cluster {action}");
+    shared.wake_registrar();
+    Ok(Json(
+        json!({ "cluster": name, "action": action, "log": log }),
+    ))
+}
+
 async fn reset(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ControlError> {
     shared
         .moto
@@ -254,6 +364,7 @@ async fn reset(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, Control
     *shared.launches.lock().await = HashMap::new();
     shared.azure().reset();
     shared.book().reset();
+    shared.links.set(None, None, LinkMode::Open);
     shared.wake_registrar();
     tracing::info!("control: reset");
     Ok(Json(json!({ "reset": true })))

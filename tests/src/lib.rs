@@ -5,17 +5,21 @@
 //! - [`azure`]: an Azure Resource Manager (compute) endpoint for VM scale sets;
 //! - [`registrar`]: turns running instances and VMs into kwok Nodes, and holds
 //!   them NotReady during a simulated outage;
-//! - [`control`]: the control API that injects [`faults`] and creates fixtures.
+//! - [`control`]: the control API that injects [`faults`] and creates fixtures;
+//! - [`links`]: the peer links between the clusters of `hack/peers`, which a
+//!   partition cuts.
 //!
 //! [`Simulator`] starts them together; the `outrigger-sim` binary runs it for
 //! `hack/cluster`, and [`harness`] holds what the tests share.
 #![forbid(unsafe_code)]
 
 pub mod azure;
+pub mod clouds;
 pub mod control;
 pub mod ec2;
 pub mod faults;
 pub mod harness;
+pub mod links;
 pub mod registrar;
 pub mod service_account;
 mod simulator;

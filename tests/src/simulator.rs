@@ -16,6 +16,7 @@ use crate::ec2::LaunchLedger;
 use crate::ec2::moto::MotoClient;
 use crate::ec2::query::DEFAULT_REGION;
 use crate::faults::{CapacityError, CapacityLimit, FaultBook};
+use crate::links::{LinkError, LinkSpec, Links};
 use crate::registrar::RegistrarConfig;
 use crate::{azure, control, ec2, registrar};
 
@@ -36,6 +37,11 @@ pub struct SimulatorConfig {
     pub capacity: Vec<CapacityLimit>,
     /// The node registrar; `None` runs the clouds without a cluster.
     pub registrar: Option<RegistrarConfig>,
+    /// Peer links between clusters, which the control API can cut (`hack/peers`).
+    pub links: Vec<LinkSpec>,
+    /// The script whose `fault down NAME` / `fault up NAME` stops and starts a
+    /// whole cluster, for the control API's `/clusters/{name}/down|up`.
+    pub cluster_script: Option<std::path::PathBuf>,
 }
 
 impl SimulatorConfig {
@@ -51,6 +57,8 @@ impl SimulatorConfig {
             aws_regions: vec![DEFAULT_REGION.to_string()],
             capacity: Vec::new(),
             registrar: None,
+            links: Vec::new(),
+            cluster_script: None,
         }
     }
 }
@@ -65,6 +73,8 @@ pub enum StartError {
     },
     #[error("failed to set a capacity limit: {0}")]
     Capacity(#[from] CapacityError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
 }
 
 /// The state the endpoints and the registrar share.
@@ -78,6 +88,8 @@ pub(crate) struct Shared {
     pub(crate) registrar_wake: Notify,
     /// Base URL of the Azure endpoint, for operation links.
     pub(crate) azure_base: String,
+    pub(crate) links: Links,
+    pub(crate) cluster_script: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -115,6 +127,7 @@ pub struct Simulator {
     control_url: String,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    link_tasks: JoinSet<()>,
 }
 
 impl Simulator {
@@ -135,6 +148,9 @@ impl Simulator {
         for limit in config.capacity {
             book.set_capacity(limit)?;
         }
+        // The links serve until the simulator stops; they have no graceful end.
+        let mut link_tasks = JoinSet::new();
+        let links = Links::start(config.links, &mut link_tasks).await?;
         let shared = Arc::new(Shared {
             book: Mutex::new(book),
             azure: Mutex::new(AzureCloud::new(config.azure_operation_time)),
@@ -143,6 +159,8 @@ impl Simulator {
             aws_regions: Mutex::new(config.aws_regions.into_iter().collect()),
             registrar_wake: Notify::new(),
             azure_base: azure_url.clone(),
+            links,
+            cluster_script: config.cluster_script,
         });
 
         let (shutdown, stop) = watch::channel(false);
@@ -174,6 +192,7 @@ impl Simulator {
             control_url,
             shutdown,
             tasks,
+            link_tasks,
         })
     }
 
@@ -196,6 +215,7 @@ impl Simulator {
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        self.link_tasks.shutdown().await;
     }
 }
 

@@ -19,9 +19,7 @@ mod simulated;
 
 /// The tag on every instance Outrigger launches: the pool it belongs to.
 pub const POOL_TAG: &str = "outrigger.dev/pool";
-/// The tag on every instance Outrigger launches: the cluster (`--cluster-name`), so
-/// two clusters sharing an account never touch each other's instances.
-pub const CLUSTER_TAG: &str = "outrigger.dev/cluster";
+pub use outrigger_crds::CLUSTER_TAG;
 
 /// What a cloud call is about: one pool's instances, and how to launch them.
 #[derive(Debug, Clone, PartialEq)]

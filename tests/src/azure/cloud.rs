@@ -408,6 +408,7 @@ mod tests {
             zones: zones.iter().map(|z| z.to_string()).collect(),
             capacity,
             pool: Some("azure-h100".into()),
+            cluster: None,
             tags: BTreeMap::new(),
             gpus: None,
         }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use jiff::Timestamp;
-use outrigger_crds::POOL_LABEL;
+use outrigger_crds::{CLUSTER_TAG, POOL_LABEL};
 use serde::{Deserialize, Serialize};
 
 use super::error::ArmError;
@@ -44,6 +44,10 @@ pub struct ScaleSetFixture {
     /// Sets the tag `outrigger.dev/pool`, which the node registrar reads.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Sets the tag `outrigger.dev/cluster`: the cluster whose Nodes its VMs become
+    /// (with several clusters, `hack/peers`); absent: the registrar's default cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// GPUs per VM, for a size the catalog does not know.
@@ -115,6 +119,9 @@ impl ScaleSet {
         let mut tags = fixture.tags;
         if let Some(pool) = fixture.pool {
             tags.insert(POOL_LABEL.to_string(), pool);
+        }
+        if let Some(cluster) = fixture.cluster {
+            tags.insert(CLUSTER_TAG.to_string(), cluster);
         }
         let mut set = ScaleSet {
             unique_id: uuid::Uuid::new_v4().to_string(),

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use outrigger_crds::Provider;
 use outrigger_tests::faults::CapacityLimit;
-use outrigger_tests::registrar::RegistrarConfig;
+use outrigger_tests::registrar::{ClusterTarget, RegistrarConfig};
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::{Map, Value, json};
 
@@ -36,6 +36,20 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Change what is broken in a running simulator.
     Fault(Box<FaultArgs>),
+    /// Make, in the running simulators, the EC2 launch templates and Azure scale
+    /// sets that the GpuNodePools in FILEs name (what exists is left alone). The
+    /// endpoints come from AWS_ENDPOINT_URL_EC2 and OUTRIGGER_SIM_URL (hack/cluster env).
+    Clouds(CloudsArgs),
+}
+
+#[derive(Args)]
+struct CloudsArgs {
+    /// Manifests holding GpuNodePools (other kinds are skipped).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// The cluster whose Nodes the scale sets' VMs become (`outrigger.dev/cluster`).
+    #[arg(long)]
+    cluster: Option<String>,
 }
 
 #[derive(Args)]
@@ -57,9 +71,26 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:18083")]
     control_listen: SocketAddr,
     /// Kubeconfig of the cluster the node registrar registers Nodes in
-    /// (default: KUBECONFIG, then ~/.kube/config).
+    /// (default: KUBECONFIG, then ~/.kube/config, unless --cluster is given).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// A named cluster, NAME=KUBECONFIG: machines tagged `outrigger.dev/cluster=NAME`
+    /// become its Nodes. Repeatable (hack/peers); with --kubeconfig too, that one
+    /// takes the machines no named cluster claims.
+    #[arg(long = "cluster", value_parser = parse_cluster)]
+    clusters: Vec<(String, PathBuf)>,
+    /// A peer link, FROM:TO=LISTEN=TARGET: FROM's operator reaches TO's API server
+    /// (TARGET) at LISTEN, and `fault partition` can cut it. Repeatable.
+    #[arg(long = "link")]
+    links: Vec<outrigger_tests::links::LinkSpec>,
+    /// A name for this simulator in its log; hack/cluster passes its run folder, by
+    /// which it knows the process as its own.
+    #[arg(long)]
+    instance: Option<String>,
+    /// The script that stops and starts whole clusters (`SCRIPT fault down|up NAME`),
+    /// for the control API's /clusters/{name}/down and /up.
+    #[arg(long)]
+    cluster_script: Option<PathBuf>,
     /// Run the clouds only, without registering Nodes.
     #[arg(long)]
     no_registrar: bool,
@@ -128,6 +159,25 @@ enum FaultAction {
         #[arg(long)]
         region: Option<String>,
     },
+    /// Show the peer links between clusters and their modes.
+    Links,
+    /// Cut the peer links between clusters A and B, both directions.
+    Partition {
+        a: String,
+        b: String,
+        /// refuse: connections are refused and reset; blackhole: accepted, never answered.
+        #[arg(long, default_value = "refuse", value_parser = ["refuse", "blackhole"])]
+        mode: String,
+    },
+    /// Open the peer links again: between A and B, of A, or all.
+    Heal {
+        a: Option<String>,
+        b: Option<String>,
+    },
+    /// Stop a whole cluster's control plane, keeping its data.
+    Down { cluster: String },
+    /// Start a stopped cluster again.
+    Up { cluster: String },
     /// Set a capacity limit: LIMIT instances at most, or `unlimited`.
     Capacity {
         #[arg(value_parser = parse_provider)]
@@ -183,6 +233,15 @@ fn parse_provider(name: &str) -> Result<Provider, String> {
         .ok_or_else(|| format!("{name:?} is not a provider: aws or azure"))
 }
 
+fn parse_cluster(spec: &str) -> Result<(String, PathBuf), String> {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("{spec:?}: expected NAME=KUBECONFIG")),
+    }
+}
+
 fn parse_capacity(spec: &str) -> Result<CapacityLimit, String> {
     let usage = "expected PROVIDER/INSTANCE_TYPE/REGION[/ZONE]=LIMIT";
     let (scope, limit) = spec.split_once('=').ok_or(usage)?;
@@ -212,6 +271,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Fault(args) => fault(*args).await,
+        Command::Clouds(args) => clouds(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -232,11 +292,27 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .init();
     let seconds =
         |s: f64, what: &str| Duration::try_from_secs_f64(s).map_err(|e| format!("{what} {s}: {e}"));
+    if let Some(instance) = &args.instance {
+        tracing::info!(%instance, "outrigger-sim: starting");
+    }
     let registrar = if args.no_registrar {
         None
     } else {
+        let mut clusters = Vec::new();
+        if args.kubeconfig.is_some() || args.clusters.is_empty() {
+            clusters.push(ClusterTarget {
+                name: None,
+                client: kube_client(args.kubeconfig.as_deref()).await?,
+            });
+        }
+        for (name, path) in &args.clusters {
+            clusters.push(ClusterTarget {
+                name: Some(name.clone()),
+                client: kube_client(Some(path)).await?,
+            });
+        }
         Some(RegistrarConfig {
-            client: kube_client(args.kubeconfig.as_deref()).await?,
+            clusters,
             boot_delay: seconds(args.boot_delay, "--boot-delay")?,
         })
     };
@@ -249,6 +325,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         aws_regions: args.aws_regions,
         capacity: args.capacity,
         registrar,
+        links: args.links,
+        cluster_script: args.cluster_script,
     };
     let sim = Simulator::start(config).await.map_err(|e| e.to_string())?;
     wait_for_signal().await;
@@ -273,6 +351,22 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
         }
         None => kube::Client::try_default().await.map_err(|e| failed(&e)),
     }
+}
+
+async fn clouds(args: CloudsArgs) -> Result<(), String> {
+    let mut pools = Vec::new();
+    for file in &args.files {
+        pools.extend(outrigger_tests::clouds::pools_in(file).map_err(|e| e.to_string())?);
+    }
+    let fixtures = outrigger_tests::clouds::needs(&pools, args.cluster.as_deref());
+    let sims = outrigger_tests::e2e::SimClouds::from_env();
+    for line in outrigger_tests::clouds::create(&sims, &fixtures)
+        .await
+        .map_err(|e| format!("{e} (are the simulators up? hack/cluster status)"))?
+    {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {
@@ -324,6 +418,15 @@ async fn fault(args: FaultArgs) -> Result<(), String> {
             query.extend(region.map(|r| ("region", r)));
             http.delete(format!("{base}/outage")).query(&query)
         }
+        FaultAction::Links => http.get(format!("{base}/links")),
+        FaultAction::Partition { a, b, mode } => http
+            .post(format!("{base}/links/partition"))
+            .json(&json!({"a": a, "b": b, "mode": mode})),
+        FaultAction::Heal { a, b } => http
+            .post(format!("{base}/links/heal"))
+            .json(&json!({"a": a, "b": b})),
+        FaultAction::Down { cluster } => http.post(format!("{base}/clusters/{cluster}/down")),
+        FaultAction::Up { cluster } => http.post(format!("{base}/clusters/{cluster}/up")),
         FaultAction::Capacity {
             provider,
             instance_type,

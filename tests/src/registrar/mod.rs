@@ -3,13 +3,17 @@
 //! - lists the EC2 instances (from moto) that carry an `outrigger.dev/pool` tag
 //!   (the tag Outrigger puts on what it launches, named like the Node label)
 //!   and the VMs of the simulated Azure scale sets;
-//! - creates a kwok Node for each one that has run for the boot delay (labels of
-//!   its pool, topology, instance type, GPUs, providerID);
+//! - routes each machine to the cluster its `outrigger.dev/cluster` tag names
+//!   (see [`route`]); a machine whose cluster is not configured gets no Node;
+//! - in each cluster, creates a kwok Node for each of its machines that has run
+//!   for the boot delay (labels of its pool, topology, instance type, GPUs,
+//!   providerID);
 //! - deletes the Nodes (its own only) whose machine is gone;
 //! - holds the Nodes under an outage NotReady, and gives them back to kwok after.
 //!
 //! A pass runs every [`POLL`], and at once after a launch or termination. If a
-//! provider cannot be listed, its Nodes are left as they are for that pass.
+//! provider cannot be listed, its Nodes are left as they are for that pass; a
+//! cluster that cannot be reached (one that is down) is skipped for that pass.
 
 pub mod node;
 
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use outrigger_crds::{GpuNodePool, POOL_LABEL, Provider};
+use outrigger_crds::{CLUSTER_TAG, GpuNodePool, POOL_LABEL, Provider};
 use tokio::sync::watch;
 
 use crate::ec2::moto::{InstanceShape, MotoError};
@@ -32,24 +36,65 @@ use node::{MANAGED_BY, MANAGED_BY_LABEL, Machine, OutageChange, PoolTraits, Shap
 /// is mostly the boot delay.
 pub const POLL: Duration = Duration::from_millis(500);
 
-/// How the registrar reaches the cluster, and how long machines take to boot.
+/// How the registrar reaches the clusters, and how long machines take to boot.
 #[derive(Clone)]
 pub struct RegistrarConfig {
-    pub client: Client,
+    /// The clusters Nodes are registered in (see [`route`]).
+    pub clusters: Vec<ClusterTarget>,
     /// Time from a machine running to its Node appearing (default 2 s).
     pub boot_delay: Duration,
 }
 
+/// One cluster the registrar puts Nodes into.
+#[derive(Clone)]
+pub struct ClusterTarget {
+    /// The name machines carry in their `outrigger.dev/cluster` tag; `None`: the
+    /// default cluster, which takes every machine no named cluster claims.
+    pub name: Option<String>,
+    pub client: Client,
+}
+
+impl ClusterTarget {
+    fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+}
+
+/// The index in `clusters` of the cluster a machine with `tag` joins: the one the
+/// tag names, else the default one (named `None`), else none.
+pub fn route(tag: Option<&str>, clusters: &[ClusterTarget]) -> Option<usize> {
+    let names: Vec<Option<&str>> = clusters.iter().map(|c| c.name.as_deref()).collect();
+    route_by_name(tag, &names)
+}
+
+fn route_by_name(tag: Option<&str>, names: &[Option<&str>]) -> Option<usize> {
+    tag.and_then(|t| names.iter().position(|n| *n == Some(t)))
+        .or_else(|| names.iter().position(Option::is_none))
+}
+
 #[derive(Debug, thiserror::Error)]
 enum PassError {
-    #[error("failed to list the registrar's Nodes: {0}")]
-    ListNodes(#[source] kube::Error),
+    #[error("failed to list the registrar's Nodes in cluster {cluster}: {source}")]
+    ListNodes {
+        cluster: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// The API handles of one target cluster.
+struct Cluster {
+    target: ClusterTarget,
+    nodes: Api<Node>,
+    pools: Api<GpuNodePool>,
+    /// Whether the last pass reached it, so that a cluster going down or coming
+    /// back is logged once, not every pass.
+    reachable: bool,
 }
 
 struct Registrar {
     shared: Arc<Shared>,
-    nodes: Api<Node>,
-    pools: Api<GpuNodePool>,
+    clusters: Vec<Cluster>,
     boot_delay: Duration,
     /// When each EC2 instance was first seen up (moto's launch times are in whole seconds).
     first_seen: HashMap<String, Instant>,
@@ -62,19 +107,31 @@ pub(crate) async fn run(
     config: RegistrarConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let clusters = config
+        .clusters
+        .into_iter()
+        .map(|target| Cluster {
+            nodes: Api::all(target.client.clone()),
+            pools: Api::all(target.client.clone()),
+            target,
+            reachable: true,
+        })
+        .collect();
     let mut registrar = Registrar {
-        nodes: Api::all(config.client.clone()),
-        pools: Api::all(config.client),
+        clusters,
         boot_delay: config.boot_delay,
         first_seen: HashMap::new(),
         shapes: HashMap::new(),
         shared,
     };
-    tracing::info!(boot_delay = ?registrar.boot_delay, "registrar: started");
+    let names: Vec<&str> = registrar
+        .clusters
+        .iter()
+        .map(|c| c.target.label())
+        .collect();
+    tracing::info!(boot_delay = ?registrar.boot_delay, clusters = ?names, "registrar: started");
     loop {
-        if let Err(e) = registrar.pass().await {
-            tracing::warn!("registrar: {e}");
-        }
+        registrar.pass().await;
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
             () = registrar.shared.registrar_wake.notified() => {}
@@ -88,29 +145,71 @@ pub(crate) async fn run(
 }
 
 impl Registrar {
-    async fn pass(&mut self) -> Result<(), PassError> {
+    async fn pass(&mut self) {
         let now = Instant::now();
-        let mut machines: BTreeMap<String, Machine> = BTreeMap::new();
+        let mut machines: Vec<Machine> = Vec::new();
         let mut listed = vec![Provider::Azure];
         match self.aws_machines(now).await {
             Ok(found) => {
                 listed.push(Provider::Aws);
-                machines.extend(found.into_iter().map(|m| (m.node_name.clone(), m)));
+                machines.extend(found);
             }
             Err(e) => tracing::warn!("registrar: failed to list EC2 instances: {e}"),
         }
-        machines.extend(
-            self.azure_machines()
-                .into_iter()
-                .map(|m| (m.node_name.clone(), m)),
-        );
+        machines.extend(self.azure_machines());
 
+        let targets: Vec<ClusterTarget> = self.clusters.iter().map(|c| c.target.clone()).collect();
+        let mut routed: Vec<BTreeMap<String, Machine>> = vec![BTreeMap::new(); self.clusters.len()];
+        for machine in machines {
+            if let Some(i) = route(machine.cluster.as_deref(), &targets) {
+                routed[i].insert(machine.node_name.clone(), machine);
+            }
+        }
+        let outages: Vec<Outage> = self.shared.book().outages().to_vec();
+        for (i, machines) in routed.into_iter().enumerate() {
+            let cluster = &mut self.clusters[i];
+            match cluster
+                .pass(&machines, &listed, &outages, now, self.boot_delay)
+                .await
+            {
+                Ok(()) => {
+                    if !cluster.reachable {
+                        tracing::info!(
+                            cluster = cluster.target.label(),
+                            "registrar: cluster reachable again"
+                        );
+                    }
+                    cluster.reachable = true;
+                }
+                // A cluster that is down (hack/peers fault down) is skipped, not an error.
+                Err(e) if cluster.reachable => {
+                    tracing::warn!("registrar: {e}; skipping that cluster until it answers");
+                    cluster.reachable = false;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// One pass over one cluster with the machines routed to it.
+    async fn pass(
+        &self,
+        machines: &BTreeMap<String, Machine>,
+        listed: &[Provider],
+        outages: &[Outage],
+        now: Instant,
+        boot_delay: Duration,
+    ) -> Result<(), PassError> {
         let existing = self
             .nodes
             .list(&ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")))
             .await
-            .map_err(PassError::ListNodes)?;
-        let outages: Vec<Outage> = self.shared.book().outages().to_vec();
+            .map_err(|source| PassError::ListNodes {
+                cluster: self.target.label().to_string(),
+                source,
+            })?;
 
         for n in &existing.items {
             let name = n.name_any();
@@ -122,7 +221,7 @@ impl Registrar {
                 provider.is_some_and(|p| listed.contains(&p)) && !machines.contains_key(&name);
             if gone {
                 self.delete(&name).await;
-            } else if let Some(change) = node::outage_change(n, &outages) {
+            } else if let Some(change) = node::outage_change(n, outages) {
                 self.apply_outage_change(&name, change).await;
             }
         }
@@ -133,7 +232,7 @@ impl Registrar {
             .filter(|m| !have.contains(&m.node_name))
             .filter(|m| {
                 m.up_since
-                    .is_some_and(|t| now.duration_since(t) >= self.boot_delay)
+                    .is_some_and(|t| now.duration_since(t) >= boot_delay)
             })
             .collect();
         if due.is_empty() {
@@ -148,11 +247,11 @@ impl Registrar {
             let node = node::node_for(machine, &traits, outage);
             match self.nodes.create(&PostParams::default(), &node).await {
                 Ok(_) => {
-                    tracing::info!(node = %machine.node_name, provider = %machine.provider, pool = ?machine.pool, "registrar: node registered")
+                    tracing::info!(node = %machine.node_name, provider = %machine.provider, pool = ?machine.pool, cluster = self.target.label(), "registrar: node registered")
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => {
-                    tracing::warn!(node = %machine.node_name, "registrar: failed to create the node: {e}")
+                    tracing::warn!(node = %machine.node_name, cluster = self.target.label(), "registrar: failed to create the node: {e}")
                 }
             }
         }
@@ -211,12 +310,17 @@ impl Registrar {
             Ok(list) => list.items,
             Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
             Err(e) => {
-                tracing::warn!("registrar: failed to list GpuNodePools, using instance tags: {e}");
+                tracing::warn!(
+                    cluster = self.target.label(),
+                    "registrar: failed to list GpuNodePools, using instance tags: {e}"
+                );
                 Vec::new()
             }
         }
     }
+}
 
+impl Registrar {
     async fn aws_machines(&mut self, now: Instant) -> Result<Vec<Machine>, MotoError> {
         let mut found = Vec::new();
         let mut up_ids = Vec::new();
@@ -239,6 +343,7 @@ impl Registrar {
                     zone_label: instance.zone.clone(),
                     instance_type: instance.instance_type.clone(),
                     pool: Some(pool),
+                    cluster: instance.tags.get(CLUSTER_TAG).cloned(),
                     scale_set: None,
                     shape,
                     up_since: Some(since),
@@ -304,6 +409,7 @@ impl Registrar {
                     region: region.clone(),
                     instance_type: set.sku.clone(),
                     pool: set.tags.get(POOL_LABEL).cloned(),
+                    cluster: set.tags.get(CLUSTER_TAG).cloned(),
                     scale_set: Some((
                         set.subscription.clone(),
                         set.resource_group.clone(),
@@ -329,5 +435,31 @@ fn traits_for(machine: &Machine, pools: &[GpuNodePool]) -> PoolTraits {
     match named.or_else(scaling) {
         Some(pool) => PoolTraits::of(pool),
         None => PoolTraits::from_tag(machine.pool.as_deref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_by_name;
+
+    #[test]
+    fn a_machine_joins_the_cluster_its_tag_names() {
+        let names = [Some("aws"), Some("azure")];
+        assert_eq!(route_by_name(Some("azure"), &names), Some(1));
+        assert_eq!(route_by_name(Some("aws"), &names), Some(0));
+    }
+
+    #[test]
+    fn a_machine_of_a_cluster_not_configured_gets_no_node() {
+        let names = [Some("aws"), Some("azure")];
+        assert_eq!(route_by_name(Some("gcp"), &names), None);
+        assert_eq!(route_by_name(None, &names), None);
+    }
+
+    #[test]
+    fn the_default_cluster_takes_what_no_named_cluster_claims() {
+        assert_eq!(route_by_name(Some("outrigger"), &[None]), Some(0));
+        assert_eq!(route_by_name(None, &[None]), Some(0));
+        assert_eq!(route_by_name(Some("aws"), &[None, Some("aws")]), Some(1));
     }
 }

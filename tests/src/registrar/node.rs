@@ -59,6 +59,8 @@ pub struct Machine {
     pub instance_type: String,
     /// The machine's `outrigger.dev/pool` tag.
     pub pool: Option<String>,
+    /// The machine's `outrigger.dev/cluster` tag: the cluster its Node joins.
+    pub cluster: Option<String>,
     /// For a scale-set VM: subscription, resource group and scale set name.
     pub scale_set: Option<(String, String, String)>,
     pub shape: Shape,
@@ -272,6 +274,7 @@ mod tests {
             zone_label: "us-east-1b".into(),
             instance_type: "p5.48xlarge".into(),
             pool: Some("aws-h100".into()),
+            cluster: None,
             scale_set: None,
             shape: Shape {
                 cpus: 192,
