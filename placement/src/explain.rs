@@ -56,6 +56,7 @@ pub(crate) fn explain(
         lines.push(rule_line(problem, pools, rule, r, attempt, g));
     }
 
+    let held: Vec<Vec<u32>> = Level::ALL.iter().map(|&l| problem.held(l, x)).collect();
     for (facts, &n) in problem.pools.iter().zip(x) {
         let pool = &pools[facts.input];
         let line = match &facts.eligible {
@@ -72,7 +73,7 @@ pub(crate) fn explain(
                     let rules = problem.level(level);
                     let cap = rules.tightest_cap()?;
                     let group = facts.group[level.index()];
-                    let held = problem.held(level, x)[group];
+                    let held = held[level.index()][group];
                     (held >= cap && n < facts.capacity).then(|| {
                         format!(
                             "held by the maxShare cap of the spread rule by {}: {} holds {held}, the cap is {cap}",

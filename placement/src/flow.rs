@@ -1,9 +1,15 @@
 //! Min-cost flow by successive shortest paths with potentials (Dijkstra), over
 //! lexicographic cost vectors. It stops when the cheapest path no longer lowers the
 //! cost, so it finds the cheapest flow of any amount up to the limit.
+//!
+//! Residual arcs with the same tail and head form one link, kept cheapest first.
+//! Between the same two nodes the reduced costs differ from the costs by the same
+//! potentials, so only a link's cheapest arc with room can lie on a shortest path:
+//! Dijkstra looks at that one arc per link. The pools of one zone all run from the
+//! zone's node to the same sink node, so a search costs the groups, not the pools.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 
 use crate::problem::K;
 
@@ -19,15 +25,30 @@ fn sub(a: &Cost, b: &Cost) -> Cost {
     std::array::from_fn(|i| a[i] - b[i])
 }
 
+/// The residual arcs from one node to one other.
+struct Link {
+    head: usize,
+    /// Arc ids, cheapest first once the flow starts.
+    arcs: Vec<usize>,
+    /// Positions in `arcs` of the arcs with room left.
+    open: BTreeSet<usize>,
+}
+
 /// A flow network whose arcs always point from a lower to a higher node id, so the
 /// first potentials come from one pass in id order.
 #[derive(Default)]
 pub(crate) struct Graph {
+    /// Each node's links.
     out: Vec<Vec<usize>>,
+    links: Vec<Link>,
+    /// The link of (tail, head).
+    link_of: HashMap<(usize, usize), usize>,
     to: Vec<usize>,
     cap: Vec<i64>,
     original: Vec<i64>,
     cost: Vec<Cost>,
+    /// Each arc's link and its position in that link.
+    place: Vec<(usize, usize)>,
 }
 
 impl Graph {
@@ -43,14 +64,23 @@ impl Graph {
             return None;
         }
         let id = self.to.len();
-        for (head, c, k) in [(to, cap, cost), (from, 0, sub(&ZERO, &cost))] {
+        for (tail, head, c, k) in [(from, to, cap, cost), (to, from, 0, sub(&ZERO, &cost))] {
+            let link = *self.link_of.entry((tail, head)).or_insert_with(|| {
+                self.links.push(Link {
+                    head,
+                    arcs: Vec::new(),
+                    open: BTreeSet::new(),
+                });
+                self.out[tail].push(self.links.len() - 1);
+                self.links.len() - 1
+            });
+            self.links[link].arcs.push(self.to.len());
             self.to.push(head);
             self.cap.push(c);
             self.original.push(c);
             self.cost.push(k);
+            self.place.push((link, 0));
         }
-        self.out[from].push(id);
-        self.out[to].push(id + 1);
         Some(id)
     }
 
@@ -59,8 +89,45 @@ impl Graph {
         self.original[id] - self.cap[id]
     }
 
+    /// Orders each link cheapest first (ties by arc id) and notes which arcs have room.
+    fn seal(&mut self) {
+        for (l, link) in self.links.iter_mut().enumerate() {
+            link.arcs
+                .sort_by(|&a, &b| self.cost[a].cmp(&self.cost[b]).then(a.cmp(&b)));
+            link.open.clear();
+            for (pos, &e) in link.arcs.iter().enumerate() {
+                self.place[e] = (l, pos);
+                if self.cap[e] > 0 {
+                    link.open.insert(pos);
+                }
+            }
+        }
+    }
+
+    /// The cheapest arc of `link` with room.
+    fn cheapest(&self, link: usize) -> Option<usize> {
+        let link = &self.links[link];
+        link.open.first().map(|&pos| link.arcs[pos])
+    }
+
+    fn change(&mut self, e: usize, by: i64) {
+        let before = self.cap[e];
+        self.cap[e] += by;
+        let (link, pos) = self.place[e];
+        match (before > 0, self.cap[e] > 0) {
+            (true, false) => {
+                self.links[link].open.remove(&pos);
+            }
+            (false, true) => {
+                self.links[link].open.insert(pos);
+            }
+            _ => {}
+        }
+    }
+
     /// Sends up to `limit` units from `s` to `t` at least cost; returns the amount.
     pub fn min_cost_flow(&mut self, s: usize, t: usize, limit: i64) -> i64 {
+        self.seal();
         let n = self.out.len();
         let mut potential = self.first_potentials(s);
         let mut dist: Vec<Option<Cost>> = vec![None; n];
@@ -82,11 +149,14 @@ impl Graph {
                 if u == t {
                     break;
                 }
-                for &e in &self.out[u] {
-                    let v = self.to[e];
-                    if self.cap[e] == 0 || done[v] {
+                for &link in &self.out[u] {
+                    let v = self.links[link].head;
+                    if done[v] {
                         continue;
                     }
+                    let Some(e) = self.cheapest(link) else {
+                        continue;
+                    };
                     let reduced = sub(&add(&self.cost[e], &potential[u]), &potential[v]);
                     let nd = add(&d, &reduced);
                     if dist[v].is_none_or(|old| nd < old) {
@@ -120,8 +190,8 @@ impl Graph {
             let mut v = t;
             while v != s {
                 let e = via[v];
-                self.cap[e] -= push;
-                self.cap[e ^ 1] += push;
+                self.change(e, -push);
+                self.change(e ^ 1, push);
                 v = self.to[e ^ 1];
             }
             sent += push;
@@ -136,13 +206,14 @@ impl Graph {
         dist[s] = Some(ZERO);
         for u in 0..n {
             let Some(du) = dist[u] else { continue };
-            for &e in &self.out[u] {
+            for &link in &self.out[u] {
+                let Some(e) = self.cheapest(link) else {
+                    continue;
+                };
                 let v = self.to[e];
-                if self.cap[e] > 0 {
-                    let nd = add(&du, &self.cost[e]);
-                    if dist[v].is_none_or(|old| nd < old) {
-                        dist[v] = Some(nd);
-                    }
+                let nd = add(&du, &self.cost[e]);
+                if dist[v].is_none_or(|old| nd < old) {
+                    dist[v] = Some(nd);
                 }
             }
         }

@@ -8,8 +8,20 @@
 //! level's hub sits above the tree; one more level's hub sits below the pools, on
 //! the sink side. Any further level with `minGroups` > 1 is settled by branch and
 //! bound over which of its groups hold a replica, with the flow as the bound.
-//! Balance (strategy `balanced`) is a hard bound on every group of a level, found by
-//! binary search, level after level.
+//! Balance (strategy `balanced`) is a hard bound on every group of a level, level
+//! after level: the least bound under which the flow still scores as well on
+//! everything balance comes after.
+//!
+//! Why the balance is exact: a bound only removes plans, so "the best plan under
+//! bound L scores as well" is monotone in L and the least such L is the best largest
+//! group. No plan that places P replicas can have a largest group below the least L
+//! for which capacity, summed up the group tree and cut at every bound (and at the
+//! hard caps of DoNotSchedule), still holds P; that closed form is computed first,
+//! for each level under the ones above. A flow under these bounds that scores as
+//! well as the unbounded one proves each of them least at once, and is the plan.
+//! Where it does not (current replicas, spread rewards or soft caps pull the other
+//! way), each level is searched from its bound up, exponentially then by halving,
+//! each step a flow; the search only skips bounds no plan can meet.
 
 use crate::flow::{Cost, Graph, ZERO};
 use crate::model::Level;
@@ -298,30 +310,134 @@ fn best_plan(problem: &Problem, hubs: &Hubs, limit: [Option<u32>; 4]) -> Vec<u32
         .unwrap_or_else(|| vec![0; problem.pools.len()])
 }
 
+/// The most replicas any plan places when no group of a level holds more than
+/// that level's limit: pool capacities summed up the group tree, each group's sum
+/// cut at its level's limit and, for DoNotSchedule, at its tightest `maxShare` cap
+/// (the flow's hard bounds). Spread rewards, soft caps and current replicas only
+/// ever lower what a plan places, so this is an upper bound for every plan.
+fn most_placeable(problem: &Problem, limit: &[Option<u32>; 4]) -> u64 {
+    let cut = |l: usize, sum: u64| -> u64 {
+        let hard = problem
+            .dns
+            .then(|| problem.levels[l].tightest_cap())
+            .flatten();
+        [limit[l], hard]
+            .into_iter()
+            .flatten()
+            .fold(sum, |s, c| s.min(u64::from(c)))
+    };
+    let mut sums: [Vec<u64>; 4] = std::array::from_fn(|l| vec![0; problem.levels[l].names.len()]);
+    // Each group's parent group (unused at the provider level).
+    let mut parent: [Vec<usize>; 4] =
+        std::array::from_fn(|l| vec![0; problem.levels[l].names.len()]);
+    for pool in problem
+        .pools
+        .iter()
+        .filter(|p| p.eligible.is_ok() && p.capacity > 0)
+    {
+        sums[3][pool.group[3]] += u64::from(pool.capacity);
+        for l in 1..4 {
+            parent[l][pool.group[l]] = pool.group[l - 1];
+        }
+    }
+    for l in (1..4).rev() {
+        for g in 0..sums[l].len() {
+            let held = cut(l, sums[l][g]);
+            sums[l - 1][parent[l][g]] += held;
+        }
+    }
+    sums[0].iter().map(|&s| cut(0, s)).sum()
+}
+
+/// The smallest limit on every group of `level` that still lets `placed` replicas
+/// be placed under the limits above it ([`most_placeable`]): no plan that places
+/// them has a smaller largest group there.
+fn lowest_limit(problem: &Problem, mut limit: [Option<u32>; 4], level: Level, placed: u32) -> u32 {
+    let (mut lo, mut hi) = (0, placed);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        limit[level.index()] = Some(mid);
+        if most_placeable(problem, &limit) >= u64::from(placed) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    hi
+}
+
+/// The levels `balanced` evens out, in order.
+const BALANCED: [Level; 3] = [Level::Provider, Level::Region, Level::Zone];
+
+/// The balanced plan, given `x`, the best plan ignoring balance.
+///
+/// The best largest group of a level is the least limit under which the best plan
+/// still scores `x`'s placed, excess, missing and kept, the limits above fixed at
+/// their best: a larger limit only relaxes the flow, so the test is monotone. Each
+/// search starts at [`lowest_limit`], a bound no plan with `x`'s count can beat.
+/// Where capacity alone decides the balance, as it does when no rule or current
+/// replica gets in the way, the bounds are the answer; one flow under all three
+/// bounds shows that, and each bound is then the least limit (it cannot be lower,
+/// and a plan meets it). Otherwise each level is searched from its bound up,
+/// doubling the step until the test holds, then halving.
+fn balance(problem: &Problem, hubs: &Hubs, mut x: Vec<u32>) -> Vec<u32> {
+    // Placed, excess, missing and kept come before balance.
+    let target = problem.score(&x, false)[..4].to_vec();
+    let reaches = |plan: &[u32]| problem.score(plan, false)[..4] == target[..];
+    let placed: u32 = x.iter().sum();
+    let largest = |plan: &[u32], level: Level| problem.held(level, plan).into_iter().max();
+
+    let mut bounds = [None; 4];
+    for level in BALANCED {
+        bounds[level.index()] = Some(lowest_limit(problem, bounds, level, placed));
+    }
+    if BALANCED
+        .iter()
+        .all(|&l| largest(&x, l).unwrap_or(0) <= bounds[l.index()].unwrap_or(0))
+    {
+        return x;
+    }
+    let candidate = best_plan(problem, hubs, bounds);
+    if reaches(&candidate) {
+        return candidate;
+    }
+
+    let mut limit = [None; 4];
+    for level in BALANCED {
+        let l = level.index();
+        let mut lo = lowest_limit(problem, limit, level, placed);
+        let mut hi = largest(&x, level).unwrap_or(0);
+        let mut step: u32 = 1;
+        let mut galloping = true;
+        while lo < hi {
+            let mid = if galloping {
+                lo.saturating_add(step - 1).min(hi - 1)
+            } else {
+                lo + (hi - lo) / 2
+            };
+            limit[l] = Some(mid);
+            let candidate = best_plan(problem, hubs, limit);
+            if reaches(&candidate) {
+                hi = mid;
+                x = candidate;
+                galloping = false;
+            } else {
+                lo = mid + 1;
+                step = step.saturating_mul(2);
+            }
+        }
+        limit[l] = Some(hi);
+    }
+    x
+}
+
 /// The optimal plan: replicas per pool, in the problem's (name) order.
 pub(crate) fn optimal(problem: &Problem) -> Vec<u32> {
     let hubs = Hubs::choose(problem);
-    let mut limit = [None; 4];
-    let mut x = best_plan(problem, &hubs, limit);
+    let x = best_plan(problem, &hubs, [None; 4]);
     if problem.balanced {
-        // Placed, excess, missing and kept come before balance.
-        let target = problem.score(&x, false)[..4].to_vec();
-        for level in [Level::Provider, Level::Region, Level::Zone] {
-            let mut lo = 0;
-            let mut hi = problem.held(level, &x).into_iter().max().unwrap_or(0);
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                limit[level.index()] = Some(mid);
-                let candidate = best_plan(problem, &hubs, limit);
-                if problem.score(&candidate, false)[..4] == target[..] {
-                    hi = mid;
-                    x = candidate;
-                } else {
-                    lo = mid + 1;
-                }
-            }
-            limit[level.index()] = Some(hi);
-        }
+        balance(problem, &hubs, x)
+    } else {
+        x
     }
-    x
 }
