@@ -59,9 +59,10 @@ demo: tools
 demo-down:
 	hack/demo down
 
-## bench: the solver benchmark (figures go in docs/benchmarks.md)
+## bench: the solver benchmarks, one solve and a fleet-wide re-plan (figures go in
+## docs/benchmarks.md)
 bench:
-	cargo bench -p outrigger-placement --bench solve
+	cargo bench -p outrigger-placement --bench solve --bench fleet
 
 cluster-up:
 	hack/cluster up

@@ -7,15 +7,22 @@
 //! every rule), fewest replicas moved off healthy pools, then least cost (or, for
 //! `balanced`, the smallest largest provider, region and zone group, then cost), then
 //! preferred GPU types, then pool names. Ties are broken the same way every time.
+//!
+//! [`Fleet`] keeps the plans of many deployments over shared pools and solves one
+//! again only when its input changed; a pool a deployment cannot use enters that
+//! input only by what makes it ineligible, so a change in the pool's capacity
+//! re-plans just the deployments it is eligible for ([`Fleet::affected`]).
 
 #![forbid(unsafe_code)]
 
 mod explain;
+mod fleet;
 mod flow;
 mod model;
 mod problem;
 mod solve;
 
+pub use fleet::{Fleet, Planned};
 pub use model::{
     Level, Node, Placement, Plan, Pool, Request, SpreadRule, Strategy, WhenUnsatisfiable,
 };

@@ -34,7 +34,7 @@ impl Level {
 }
 
 /// What the solver minimises after placing replicas and keeping current ones.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Strategy {
     /// Least total cost per hour.
     #[default]
@@ -44,7 +44,7 @@ pub enum Strategy {
 }
 
 /// What to do when the spread rules cannot all hold.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WhenUnsatisfiable {
     /// Place as many replicas as capacity allows, breaking rules as little as possible.
     #[default]
@@ -55,7 +55,7 @@ pub enum WhenUnsatisfiable {
 
 /// One spread rule: at least `min_groups` groups hold a replica, and no group holds
 /// more than `max(1, floor(replicas * max_share / 100))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SpreadRule {
     pub by: Level,
     pub min_groups: u32,
@@ -73,7 +73,7 @@ impl SpreadRule {
 }
 
 /// One existing node of a pool, as the inventory sees it for this deployment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Node {
     pub ready: bool,
     /// GPUs not requested by other workloads.
@@ -180,7 +180,7 @@ impl Pool {
 }
 
 /// What one ModelDeployment asks of the solver.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Request {
     pub replicas: u32,
     /// GPUs per replica, at least 1.

@@ -243,46 +243,71 @@ impl Problem {
 
 /// Why a pool may not take this deployment, in words a person acts on.
 fn eligibility(request: &Request, pool: &Pool) -> Result<(), String> {
-    if !request.providers.is_empty() && !request.providers.contains(&pool.provider) {
-        return Err(format!(
-            "provider {} is not in placement.providers",
-            pool.provider
-        ));
+    match Ineligible::of(request, pool) {
+        Some(why) => Err(why.reason(request, pool)),
+        None => Ok(()),
     }
-    if !request.regions.is_empty() && !request.regions.contains(&pool.region) {
-        return Err(format!(
-            "region {} is not in placement.regions",
-            pool.region
-        ));
+}
+
+/// What keeps a pool from taking a deployment (DESIGN.md, placement semantics 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ineligible {
+    Provider,
+    Region,
+    GpuType,
+    CapacityType,
+    NoGpuCount,
+    FewGpus,
+    Unhealthy,
+}
+
+impl Ineligible {
+    /// The first reason `pool` may not take `request`, if any. Reads only the pool's
+    /// provider, region, GPU type and count, capacity type and health.
+    pub fn of(request: &Request, pool: &Pool) -> Option<Ineligible> {
+        let capacity_type_allowed = if request.capacity_types.is_empty() {
+            pool.capacity_type == "on-demand"
+        } else {
+            request.capacity_types.contains(&pool.capacity_type)
+        };
+        if !request.providers.is_empty() && !request.providers.contains(&pool.provider) {
+            Some(Ineligible::Provider)
+        } else if !request.regions.is_empty() && !request.regions.contains(&pool.region) {
+            Some(Ineligible::Region)
+        } else if !request.gpu_types.is_empty() && !request.gpu_types.contains(&pool.gpu_type) {
+            Some(Ineligible::GpuType)
+        } else if !capacity_type_allowed {
+            Some(Ineligible::CapacityType)
+        } else if request.gpus_per_replica == 0 {
+            Some(Ineligible::NoGpuCount)
+        } else if pool.gpus_per_node < request.gpus_per_replica {
+            Some(Ineligible::FewGpus)
+        } else if !pool.healthy {
+            Some(Ineligible::Unhealthy)
+        } else {
+            None
+        }
     }
-    if !request.gpu_types.is_empty() && !request.gpu_types.contains(&pool.gpu_type) {
-        return Err(format!("GPU type {} is not in gpu.types", pool.gpu_type));
+
+    fn reason(self, request: &Request, pool: &Pool) -> String {
+        match self {
+            Ineligible::Provider => {
+                format!("provider {} is not in placement.providers", pool.provider)
+            }
+            Ineligible::Region => format!("region {} is not in placement.regions", pool.region),
+            Ineligible::GpuType => format!("GPU type {} is not in gpu.types", pool.gpu_type),
+            Ineligible::CapacityType => format!(
+                "capacity type {} is not in placement.capacityTypes",
+                pool.capacity_type
+            ),
+            Ineligible::NoGpuCount => "gpu.count is 0; it must be at least 1".to_string(),
+            Ineligible::FewGpus => format!(
+                "a node has {} GPUs, a replica needs {}",
+                pool.gpus_per_node, request.gpus_per_replica
+            ),
+            Ineligible::Unhealthy => "the pool is unhealthy (its nodes are lost)".to_string(),
+        }
     }
-    let on_demand = ["on-demand".to_string()];
-    let allowed: &[String] = if request.capacity_types.is_empty() {
-        &on_demand
-    } else {
-        &request.capacity_types
-    };
-    if !allowed.contains(&pool.capacity_type) {
-        return Err(format!(
-            "capacity type {} is not in placement.capacityTypes",
-            pool.capacity_type
-        ));
-    }
-    if request.gpus_per_replica == 0 {
-        return Err("gpu.count is 0; it must be at least 1".to_string());
-    }
-    if pool.gpus_per_node < request.gpus_per_replica {
-        return Err(format!(
-            "a node has {} GPUs, a replica needs {}",
-            pool.gpus_per_node, request.gpus_per_replica
-        ));
-    }
-    if !pool.healthy {
-        return Err("the pool is unhealthy (its nodes are lost)".to_string());
-    }
-    Ok(())
 }
 
 fn preference(request: &Request, pool: &Pool) -> i64 {

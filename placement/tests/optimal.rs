@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use outrigger_placement::{
-    Level, Node, Pool, Request, SpreadRule, Strategy as Objective, WhenUnsatisfiable, capacities,
-    score, solve,
+    Fleet, Level, Node, Pool, Request, SpreadRule, Strategy as Objective, WhenUnsatisfiable,
+    capacities, score, solve,
 };
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -226,6 +226,45 @@ proptest! {
         reversed.reverse();
         prop_assert_eq!(&first, &solve(&request, &reversed));
         prop_assert_eq!(&first, &solve(&request, &pools));
+    }
+}
+
+/// A change of one pool's capacity, price, nodes or health.
+fn pool_change() -> impl Strategy<Value = (prop::sample::Index, Pool)> {
+    (any::<prop::sample::Index>(), pool_strategy())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// The fleet returns what `solve` would, and skips the solve of a deployment the
+    /// changed pool is not eligible for.
+    #[test]
+    fn fleet_plans_equal_fresh_solves((request, pools) in case(), (which, other) in pool_change()) {
+        let mut fleet = Fleet::default();
+        let key = "default/md";
+        let first = fleet.plan(&key, &request, &pools);
+        prop_assert!(first.solved);
+        prop_assert_eq!(&*first.plan, &solve(&request, &pools));
+        prop_assert!(!fleet.plan(&key, &request, &pools).solved, "unchanged input, no solve");
+        if pools.is_empty() {
+            return Ok(());
+        }
+
+        let i = which.index(pools.len());
+        let mut changed = pools.clone();
+        changed[i].price_per_node_hour = other.price_per_node_hour;
+        changed[i].max_nodes = other.max_nodes;
+        changed[i].scalable = other.scalable;
+        changed[i].growth_blocked = other.growth_blocked;
+        changed[i].nodes = other.nodes.clone();
+        changed[i].healthy = other.healthy;
+        let affected = fleet.affected(&pools[i], &changed[i]);
+        let again = fleet.plan(&key, &request, &changed);
+        prop_assert_eq!(&*again.plan, &solve(&request, &changed));
+        if !affected.contains(&key) {
+            prop_assert!(!again.solved, "{} is not eligible, yet the plan was solved again", changed[i].name);
+        }
     }
 }
 
