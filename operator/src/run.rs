@@ -477,6 +477,7 @@ async fn run_controllers(
             },
         ),
         failovers: Default::default(),
+        plans: Default::default(),
         clouds,
         scaler,
     });

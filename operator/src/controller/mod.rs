@@ -53,6 +53,10 @@ pub struct Context {
     /// ModelDeployments moving off a lost pool, and since when its nodes were lost,
     /// until every replacement is Ready.
     pub failovers: Mutex<HashMap<Key, Timestamp>>,
+    /// Each ModelDeployment's last plan and a digest of its solver input: a pass
+    /// whose input is unchanged (say, only a pool it cannot use changed) does not
+    /// solve again.
+    pub plans: Mutex<outrigger_placement::Fleet<Key>>,
     /// The clouds scalable pools grow in.
     pub clouds: Clouds,
     pub scaler: scaler::Scaler,

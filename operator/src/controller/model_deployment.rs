@@ -59,11 +59,12 @@ fn key_of(md: &ModelDeployment) -> Key {
 }
 
 async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
+    let key = key_of(md);
     if md.metadata.deletion_timestamp.is_some() {
         // Children carry owner references: the garbage collector removes them.
+        ctx.plans.lock().await.forget(&key);
         return Ok(Action::await_change());
     }
-    let key = key_of(md);
     let errors = validate::model_deployment(&md.spec);
     if !errors.is_empty() {
         let message: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -83,9 +84,12 @@ async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let view = inventory.view(&key, grace, rebalance);
     let mut request = inputs::request(md);
     request.current = inventory.current(&key);
-    let plan = placement::solve(&request, &view.pools);
+    // Solves only when the input changed: a pool this deployment cannot use does
+    // not enter its digest beyond what makes it ineligible (placement::Fleet).
+    let planned = ctx.plans.lock().await.plan(&key, &request, &view.pools);
+    let plan = planned.plan;
     tracing::debug!(
-        namespace = %key.0, name = %key.1,
+        namespace = %key.0, name = %key.1, solved = planned.solved,
         capacity = ?view.pools.iter().map(|p| (p.name.as_str(), p.capacity(request.gpus_per_replica), p.nodes.len(), p.growth_blocked)).collect::<Vec<_>>(),
         current = ?request.current,
         plan = ?plan.placements.iter().map(|p| (p.pool.as_str(), p.replicas)).collect::<Vec<_>>(),
