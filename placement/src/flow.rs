@@ -9,7 +9,7 @@
 //! zone's node to the same sink node, so a search costs the groups, not the pools.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
 use crate::problem::K;
 
@@ -25,36 +25,39 @@ fn sub(a: &Cost, b: &Cost) -> Cost {
     std::array::from_fn(|i| a[i] - b[i])
 }
 
-/// The residual arcs from one node to one other.
+/// The residual arcs from one node to one other: the positions of `order` from
+/// where the previous link ends up to `end`.
 struct Link {
     head: usize,
-    /// Arc ids, cheapest first once the flow starts.
-    arcs: Vec<usize>,
-    /// Positions in `arcs` of the arcs with room left.
-    open: BTreeSet<usize>,
+    end: usize,
+    /// The position of the cheapest arc with room (`end` when none has). Moves back
+    /// when an arc before it gets room, and on past arcs without room when its own
+    /// arc fills up.
+    first: usize,
 }
 
 /// A flow network whose arcs always point from a lower to a higher node id, so the
 /// first potentials come from one pass in id order.
 #[derive(Default)]
 pub(crate) struct Graph {
-    /// Each node's links.
-    out: Vec<Vec<usize>>,
-    links: Vec<Link>,
-    /// The link of (tail, head).
-    link_of: HashMap<(usize, usize), usize>,
+    nodes: usize,
     to: Vec<usize>,
     cap: Vec<i64>,
     original: Vec<i64>,
     cost: Vec<Cost>,
-    /// Each arc's link and its position in that link.
+    /// Arc ids by tail, head, cost and id, once the flow starts.
+    order: Vec<usize>,
+    links: Vec<Link>,
+    /// Each node's links: positions `start..end` of `links`.
+    out: Vec<(usize, usize)>,
+    /// Each arc's link and its position in `order`.
     place: Vec<(usize, usize)>,
 }
 
 impl Graph {
     pub fn node(&mut self) -> usize {
-        self.out.push(Vec::new());
-        self.out.len() - 1
+        self.nodes += 1;
+        self.nodes - 1
     }
 
     /// Adds an arc and returns its id; arcs of no capacity are not added.
@@ -64,22 +67,11 @@ impl Graph {
             return None;
         }
         let id = self.to.len();
-        for (tail, head, c, k) in [(from, to, cap, cost), (to, from, 0, sub(&ZERO, &cost))] {
-            let link = *self.link_of.entry((tail, head)).or_insert_with(|| {
-                self.links.push(Link {
-                    head,
-                    arcs: Vec::new(),
-                    open: BTreeSet::new(),
-                });
-                self.out[tail].push(self.links.len() - 1);
-                self.links.len() - 1
-            });
-            self.links[link].arcs.push(self.to.len());
+        for (head, c, k) in [(to, cap, cost), (from, 0, sub(&ZERO, &cost))] {
             self.to.push(head);
             self.cap.push(c);
             self.original.push(c);
             self.cost.push(k);
-            self.place.push((link, 0));
         }
         Some(id)
     }
@@ -89,46 +81,63 @@ impl Graph {
         self.original[id] - self.cap[id]
     }
 
-    /// Orders each link cheapest first (ties by arc id) and notes which arcs have room.
+    fn tail(&self, e: usize) -> usize {
+        self.to[e ^ 1]
+    }
+
+    /// Groups the arcs into links, each cheapest first (ties by arc id).
     fn seal(&mut self) {
-        for (l, link) in self.links.iter_mut().enumerate() {
-            link.arcs
-                .sort_by(|&a, &b| self.cost[a].cmp(&self.cost[b]).then(a.cmp(&b)));
-            link.open.clear();
-            for (pos, &e) in link.arcs.iter().enumerate() {
-                self.place[e] = (l, pos);
-                if self.cap[e] > 0 {
-                    link.open.insert(pos);
-                }
+        let mut order: Vec<usize> = (0..self.to.len()).collect();
+        order.sort_unstable_by_key(|&e| (self.tail(e), self.to[e], self.cost[e], e));
+        self.links.clear();
+        self.out = vec![(0, 0); self.nodes];
+        self.place = vec![(0, 0); self.to.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let (u, v) = (self.tail(order[i]), self.to[order[i]]);
+            let mut j = i;
+            while j < order.len() && self.tail(order[j]) == u && self.to[order[j]] == v {
+                self.place[order[j]] = (self.links.len(), j);
+                j += 1;
             }
+            if i == 0 || self.tail(order[i - 1]) != u {
+                self.out[u] = (self.links.len(), self.links.len());
+            }
+            self.links.push(Link {
+                head: v,
+                end: j,
+                first: (i..j).find(|&p| self.cap[order[p]] > 0).unwrap_or(j),
+            });
+            self.out[u].1 = self.links.len();
+            i = j;
         }
+        self.order = order;
     }
 
     /// The cheapest arc of `link` with room.
     fn cheapest(&self, link: usize) -> Option<usize> {
         let link = &self.links[link];
-        link.open.first().map(|&pos| link.arcs[pos])
+        (link.first < link.end).then(|| self.order[link.first])
     }
 
     fn change(&mut self, e: usize, by: i64) {
         let before = self.cap[e];
         self.cap[e] += by;
-        let (link, pos) = self.place[e];
-        match (before > 0, self.cap[e] > 0) {
-            (true, false) => {
-                self.links[link].open.remove(&pos);
-            }
-            (false, true) => {
-                self.links[link].open.insert(pos);
-            }
-            _ => {}
+        let (l, pos) = self.place[e];
+        let link = &mut self.links[l];
+        if before == 0 && self.cap[e] > 0 && pos < link.first {
+            link.first = pos;
+        } else if before > 0 && self.cap[e] == 0 && pos == link.first {
+            link.first = (pos + 1..link.end)
+                .find(|&p| self.cap[self.order[p]] > 0)
+                .unwrap_or(link.end);
         }
     }
 
     /// Sends up to `limit` units from `s` to `t` at least cost; returns the amount.
     pub fn min_cost_flow(&mut self, s: usize, t: usize, limit: i64) -> i64 {
         self.seal();
-        let n = self.out.len();
+        let n = self.nodes;
         let mut potential = self.first_potentials(s);
         let mut dist: Vec<Option<Cost>> = vec![None; n];
         let mut done = vec![false; n];
@@ -149,7 +158,7 @@ impl Graph {
                 if u == t {
                     break;
                 }
-                for &link in &self.out[u] {
+                for link in self.out[u].0..self.out[u].1 {
                     let v = self.links[link].head;
                     if done[v] {
                         continue;
@@ -201,12 +210,12 @@ impl Graph {
 
     /// Shortest distances from `s` on the untouched network (a DAG in id order).
     fn first_potentials(&self, s: usize) -> Vec<Cost> {
-        let n = self.out.len();
+        let n = self.nodes;
         let mut dist: Vec<Option<Cost>> = vec![None; n];
         dist[s] = Some(ZERO);
         for u in 0..n {
             let Some(du) = dist[u] else { continue };
-            for &link in &self.out[u] {
+            for link in self.out[u].0..self.out[u].1 {
                 let Some(e) = self.cheapest(link) else {
                     continue;
                 };
