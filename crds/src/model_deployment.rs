@@ -57,11 +57,18 @@ use crate::provider::{CapacityType, Provider};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    // The name is every child's `outrigger.dev/deployment` label value, and a label
+    // value holds at most 63 characters: a longer name could never be applied.
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it is the outrigger.dev/deployment label of every replica, and a label value holds at most 63; choose a shorter name")
 )]
 #[x_kube(validation = Rule::new("has(self.template.spec)")
     .message("template.spec is required: it holds the inference server container(s)")
     .field_path(".template"))]
+#[x_kube(validation = Rule::new("!has(self.template.spec) || size(self.template.spec.containers) >= 1")
+    .message("template.spec.containers must hold at least one container: the inference server")
+    .field_path(".template.spec.containers"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(transform = crate::schema::kubernetes_conventions)]
 pub struct ModelDeploymentSpec {

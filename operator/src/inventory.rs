@@ -150,11 +150,20 @@ pub fn owner_of(
     Some((namespace?.clone(), md.clone()))
 }
 
-/// How a node counts: Ready; booting (no Ready condition yet, or the kubelet's
-/// `KubeletNotReady` from registration on); or lost since its Ready condition left
-/// True (`Unknown` when the node stopped reporting), or since it was tainted
-/// unreachable.
-pub fn readiness(node: &Node, now: Timestamp) -> Readiness {
+/// What a node's own status says: Ready, booting (no Ready condition yet, or the
+/// kubelet's `KubeletNotReady` from registration on), or lost, since the time its
+/// Ready condition left True (`Unknown` when the node stopped reporting) or it was
+/// tainted unreachable, when the node says so. Some node agents write conditions
+/// without `lastTransitionTime`: then the status gives no time, and
+/// [`LostClock`] supplies the first time the operator saw the node lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reported {
+    Ready,
+    Booting,
+    Lost(Option<Timestamp>),
+}
+
+pub fn reported(node: &Node) -> Reported {
     let ready = node
         .status
         .as_ref()
@@ -167,20 +176,61 @@ pub fn readiness(node: &Node, now: Timestamp) -> Readiness {
         .and_then(|ts| ts.iter().find(|t| t.key == labels::UNREACHABLE_TAINT));
     let created = node.metadata.creation_timestamp.as_ref().map(|t| t.0);
     match (ready, unreachable) {
-        (_, Some(t)) => Readiness::Lost(t.time_added.as_ref().map_or(now, |t| t.0)),
-        (Some(c), None) if c.status == "True" => Readiness::Ready,
-        (None, None) => Readiness::Booting,
+        (_, Some(t)) => Reported::Lost(t.time_added.as_ref().map(|t| t.0)),
+        (Some(c), None) if c.status == "True" => Reported::Ready,
+        (None, None) => Reported::Booting,
         (Some(c), None) => {
-            let since = c.last_transition_time.as_ref().map_or(now, |t| t.0);
+            let since = c.last_transition_time.as_ref().map(|t| t.0);
             let starting = c.status == "False"
                 && c.reason.as_deref() == Some(KUBELET_NOT_READY)
-                && created.is_some_and(|created| since <= created + FIRST_READY_WINDOW);
+                && match (since, created) {
+                    (Some(since), Some(created)) => since <= created + FIRST_READY_WINDOW,
+                    _ => false,
+                };
             if starting {
-                Readiness::Booting
+                Reported::Booting
             } else {
-                Readiness::Lost(since)
+                Reported::Lost(since)
             }
         }
+    }
+}
+
+/// The first time this process saw each node lost, so that a missing or stale
+/// timestamp in a node's status can never hold the failover clock still: a node
+/// counts as lost since the earlier of what it reports and what was seen. A node
+/// that is no longer lost is forgotten, so its next loss starts a new clock.
+#[derive(Debug, Default)]
+pub struct LostClock {
+    first_seen: BTreeMap<String, Timestamp>,
+}
+
+impl LostClock {
+    /// How the node counts now, given what it reports.
+    pub fn readiness(&mut self, node: &str, reported: Reported, now: Timestamp) -> Readiness {
+        match reported {
+            Reported::Ready => {
+                self.first_seen.remove(node);
+                Readiness::Ready
+            }
+            Reported::Booting => {
+                self.first_seen.remove(node);
+                Readiness::Booting
+            }
+            Reported::Lost(since) => {
+                let seen = *self.first_seen.entry(node.to_string()).or_insert(now);
+                Readiness::Lost(since.map_or(seen, |s| s.min(seen)))
+            }
+        }
+    }
+
+    /// Forgets the nodes that are gone.
+    pub fn retain(&mut self, nodes: &[Arc<Node>]) {
+        let names: std::collections::BTreeSet<&str> = nodes
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .collect();
+        self.first_seen.retain(|n, _| names.contains(n.as_str()));
     }
 }
 
@@ -191,7 +241,9 @@ impl Inventory {
         pods: &[Arc<Pod>],
         deployments: &[Arc<Deployment>],
         now: Timestamp,
+        clock: &mut LostClock,
     ) -> Inventory {
+        clock.retain(nodes);
         pools.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         let selectors: Vec<BTreeMap<String, String>> =
             pools.iter().map(|p| p.node_selector()).collect();
@@ -203,10 +255,11 @@ impl Inventory {
                 let pool = selectors
                     .iter()
                     .position(|sel| sel.iter().all(|(k, v)| node_labels.get(k) == Some(v)));
+                let name = node.metadata.name.clone().unwrap_or_default();
                 NodeFacts {
-                    name: node.metadata.name.clone().unwrap_or_default(),
+                    readiness: clock.readiness(&name, reported(node), now),
+                    name,
                     pool,
-                    readiness: readiness(node, now),
                     allocatable: gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref())),
                     used: Vec::new(),
                 }

@@ -358,7 +358,7 @@ fn node_fingerprint(node: &Node) -> u64 {
                 .collect()
         })
         .unwrap_or_default();
-    let readiness = inventory::readiness(node, k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    let readiness = inventory::reported(node);
     let gpus = inventory::gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
     hash_of((&node.metadata.labels, taints, readiness, gpus))
 }
@@ -393,6 +393,58 @@ fn pokes(rx: watch::Receiver<u64>) -> impl Stream<Item = ()> + Send + 'static {
     })
 }
 
+/// How often the API is asked again for CRDs that are missing: the fix is one
+/// `kubectl apply`, after which the controllers should start promptly.
+const CRD_RECHECK: Duration = Duration::from_secs(5);
+/// How often a missing CRD is said again in the log while it stays missing.
+const CRD_REMINDER: Duration = Duration::from_secs(60);
+
+/// Outrigger's resources, by plural, that the API server must serve.
+const RESOURCES: [&str; 2] = ["gpunodepools", "modeldeployments"];
+
+/// Waits until the API server serves Outrigger's resources. Until then it says which
+/// are missing and how to install them, instead of failing every watch with an
+/// unparsable 404; `/readyz` stays false meanwhile.
+async fn wait_for_crds(client: &Client) {
+    let api_version = format!("{}/{}", outrigger_crds::GROUP, outrigger_crds::VERSION);
+    let mut said: Option<(Vec<String>, std::time::Instant)> = None;
+    loop {
+        let missing: Vec<String> = match client.list_api_group_resources(&api_version).await {
+            Ok(list) => RESOURCES
+                .into_iter()
+                .filter(|r| !list.resources.iter().any(|x| x.name == *r))
+                .map(String::from)
+                .collect(),
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                RESOURCES.into_iter().map(String::from).collect()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to ask the API server which Outrigger resources it serves; asking again");
+                tokio::time::sleep(CRD_RECHECK).await;
+                continue;
+            }
+        };
+        if missing.is_empty() {
+            if said.is_some() {
+                tracing::info!("the Outrigger CRDs are installed now; starting the controllers");
+            }
+            return;
+        }
+        let due = said
+            .as_ref()
+            .is_none_or(|(before, at)| *before != missing || at.elapsed() >= CRD_REMINDER);
+        if due {
+            tracing::error!(
+                missing = %missing.join(", "),
+                "the API server does not serve {api_version} {}: the Outrigger CRDs are not installed. Install them with `kubectl apply -f crds/` (or the Helm chart, which ships them); the controllers start once they are",
+                missing.join(" and ")
+            );
+            said = Some((missing, std::time::Instant::now()));
+        }
+        tokio::time::sleep(CRD_RECHECK).await;
+    }
+}
+
 async fn run_controllers(
     client: Client,
     metrics: Arc<Metrics>,
@@ -401,6 +453,7 @@ async fn run_controllers(
     (clouds, scaler): (Clouds, scaler::Scaler),
     stop: watch::Receiver<bool>,
 ) {
+    wait_for_crds(&client).await;
     let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
     // Node and pool changes can change any plan; pod changes only change GPU counts,
     // which the pool controllers report (a plan sees them on its next pass).
@@ -439,6 +492,7 @@ async fn run_controllers(
             watcher::Config::default().labels(&managed),
             Notify::Nobody,
         ),
+        lost_clock: Arc::default(),
     };
     for (what, waited) in [
         (
@@ -490,6 +544,7 @@ async fn run_controllers(
     let config = controller::Config::default()
         .concurrency(1)
         .debounce(DEBOUNCE);
+    let forget = ctx.clone();
     let deployments = Controller::new(
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watcher::Config::default(),
@@ -503,7 +558,23 @@ async fn run_controllers(
         model_deployment::error_policy,
         ctx.clone(),
     )
-    .for_each(|_| futures::future::ready(()));
+    .for_each(move |result| {
+        let forget = forget.clone();
+        async move {
+            // A deleted ModelDeployment is triggered once more and is no longer in
+            // the store: its metric series and its cached plan go with it.
+            if let Err(controller::Error::ObjectNotFound(gone)) = result {
+                let key = (
+                    gone.namespace.clone().unwrap_or_default(),
+                    gone.name.clone(),
+                );
+                forget
+                    .metrics
+                    .forget_deployment(&format!("{}/{}", key.0, key.1));
+                forget.plans.lock().await.forget(&key);
+            }
+        }
+    });
     let pools = Controller::new(
         Api::<GpuNodePool>::all(client.clone()),
         watcher::Config::default(),

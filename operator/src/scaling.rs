@@ -3,7 +3,6 @@
 //! backoff that the pool's `CapacityAvailable` condition carries across restarts.
 
 use std::collections::BTreeMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -139,12 +138,13 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
 /// same request give the same token, so a launch repeated after a crash or a
 /// timeout returns the first one's instances instead of launching more. Instances
 /// in every state are part of it, so a later launch from the same count is new.
+/// The hash is FNV-1a, stable across Rust releases (`std`'s hasher is not): an
+/// upgrade between a timed-out launch and its retry must not launch twice.
 pub fn launch_token(pool_uid: &str, instances: &[Instance], have: u32, add: u32) -> String {
     let mut ids: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
     ids.sort_unstable();
-    let mut h = DefaultHasher::new();
-    (pool_uid, ids, have, add).hash(&mut h);
-    format!("outrigger-{:016x}", h.finish())
+    let request = format!("{pool_uid}\n{}\n{have}\n{add}", ids.join(","));
+    format!("outrigger-{}", crate::children::fnv(&request))
 }
 
 /// A node of the pool, as scale-down sees it.

@@ -114,8 +114,14 @@ pub fn desired(
             false,
             "ReplicasUnplaced",
             format!(
-                "{} of {wanted} replicas have no pool; {ready} ready",
-                plan.unplaced
+                "{} of {wanted} replicas have no pool; {ready} ready{}",
+                plan.unplaced,
+                // The solver's own words for why: which pools are not eligible or full.
+                plan.explanation
+                    .iter()
+                    .find(|l| l.contains(" unplaced: "))
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
             ),
             generation,
             now,

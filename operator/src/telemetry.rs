@@ -1,5 +1,6 @@
 //! Logs, metrics and the health endpoints (`/metrics`, `/healthz`, `/readyz`).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -76,7 +77,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
-    pub replicas: Family<ReplicaLabels, Gauge>,
+    replicas: Family<ReplicaLabels, Gauge>,
+    /// The series of `replicas` set per ModelDeployment, so a deleted one's go too.
+    replica_series: std::sync::Mutex<HashMap<String, HashSet<ReplicaLabels>>>,
     pub failover_seconds: Histogram,
     pub api_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
@@ -151,9 +154,43 @@ impl Metrics {
             reconcile_duration,
             reconcile_errors,
             replicas,
+            replica_series: Default::default(),
             failover_seconds,
             api_writes,
             leader,
+        }
+    }
+
+    fn replica_series(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<ReplicaLabels>>> {
+        // A panic while the lock is held leaves plain data behind; carry on with it.
+        self.replica_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets `outrigger_replicas` of one ModelDeployment on one pool; 0 removes the series.
+    pub fn set_replicas(&self, labels: ReplicaLabels, replicas: u32) {
+        let mut series = self.replica_series();
+        if replicas > 0 {
+            self.replicas
+                .get_or_create(&labels)
+                .set(i64::from(replicas));
+            series
+                .entry(labels.deployment.clone())
+                .or_default()
+                .insert(labels);
+        } else {
+            self.replicas.remove(&labels);
+            if let Some(set) = series.get_mut(&labels.deployment) {
+                set.remove(&labels);
+            }
+        }
+    }
+
+    /// Removes every series of a ModelDeployment that is gone (`namespace/name`).
+    pub fn forget_deployment(&self, deployment: &str) {
+        for labels in self.replica_series().remove(deployment).unwrap_or_default() {
+            self.replicas.remove(&labels);
         }
     }
 

@@ -123,12 +123,54 @@ pub(crate) fn explain(
             .iter()
             .fold(0u32, |sum, p| sum.saturating_add(p.capacity));
         lines.push(format!(
-            "{} of {r} unplaced: eligible pools have room for {}",
+            "{} of {r} unplaced: eligible pools have room for {}{}",
             r - placed,
             plural(capacity.min(r), "replica"),
+            blocked_pools(problem, pools, g),
         ));
     }
     lines
+}
+
+/// How many pools the unplaced line names before it points at `outrigger plan`.
+const BLOCKED_SHOWN: usize = 4;
+
+/// Why the pools that could take no replica took none, for the unplaced line: the
+/// same words as each pool's own line, so a condition says what `outrigger plan` says.
+fn blocked_pools(problem: &Problem, pools: &[Pool], g: u32) -> String {
+    if pools.is_empty() {
+        return "; there is no GpuNodePool (kubectl get gnp)".to_string();
+    }
+    let blocked: Vec<String> = problem
+        .pools
+        .iter()
+        .filter_map(|p| {
+            let pool = &pools[p.input];
+            match &p.eligible {
+                Err(why) => Some(format!("{} is not eligible: {why}", pool.name)),
+                Ok(()) if p.capacity == 0 => Some(format!(
+                    "{} has no room: {}",
+                    pool.name,
+                    capacity_reason(pool, g)
+                )),
+                Ok(()) => None,
+            }
+        })
+        .collect();
+    if blocked.is_empty() {
+        return String::new();
+    }
+    let more = blocked.len().saturating_sub(BLOCKED_SHOWN);
+    let mut text = format!(
+        "; {}",
+        blocked[..blocked.len().min(BLOCKED_SHOWN)].join("; ")
+    );
+    if more > 0 {
+        text.push_str(&format!(
+            "; and {more} more (outrigger plan lists every pool)"
+        ));
+    }
+    text
 }
 
 fn rule_line(

@@ -236,8 +236,28 @@ impl Fleet {
     /// Every node of `pool` goes NotReady, as in a provider outage: kwok stops
     /// managing it and its Ready condition turns False.
     pub async fn outage(&self, pool: &str) {
-        let api: Api<Node> = Api::all(self.client.clone());
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        self.not_ready(
+            pool,
+            json!({"type": "Ready", "status": "False", "reason": "Outage",
+                "message": "simulated outage", "lastTransitionTime": now, "lastHeartbeatTime": now}),
+        )
+        .await;
+    }
+
+    /// As [`Fleet::outage`], but the Ready condition carries no times, as some node
+    /// agents write it.
+    pub async fn outage_without_times(&self, pool: &str) {
+        self.not_ready(
+            pool,
+            json!({"type": "Ready", "status": "False", "reason": "Outage",
+                "message": "simulated outage, reported without times"}),
+        )
+        .await;
+    }
+
+    async fn not_ready(&self, pool: &str, condition: serde_json::Value) {
+        let api: Api<Node> = Api::all(self.client.clone());
         for name in self.nodes_of(pool) {
             api.patch(
                 &name,
@@ -248,10 +268,11 @@ impl Fleet {
             )
             .await
             .expect("node released by kwok");
-            api.patch_status(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({
-                "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "Outage",
-                    "message": "simulated outage", "lastTransitionTime": now, "lastHeartbeatTime": now}]}
-            })))
+            api.patch_status(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"status": {"conditions": [condition]}})),
+            )
             .await
             .expect("node NotReady");
         }

@@ -22,6 +22,7 @@ pub mod harness;
 pub mod links;
 pub mod registrar;
 pub mod service_account;
+pub mod sim_fleet;
 mod simulator;
 
 pub use simulator::{Simulator, SimulatorConfig, StartError};

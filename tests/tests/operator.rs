@@ -11,7 +11,7 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use outrigger_crds::ModelDeployment;
 use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace, wait_for};
-use outrigger_tests::harness::Control;
+use outrigger_tests::sim_fleet::{FAILOVER_AWS_REGION, FAILOVER_AZURE_REGION, SimFleet};
 use serde_json::json;
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -341,147 +341,195 @@ async fn refuses_bad_specs_and_explains_unmet_rules() {
     fleet.delete().await;
 }
 
-/// A region pair only the failover test uses, so its outage touches no other test.
-const FAILOVER_AWS_REGION: &str = "us-east-2";
-const FAILOVER_AWS_ZONE: &str = "us-east-2a";
-const FAILOVER_AZURE_REGION: &str = "northeurope";
-const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000fa110";
+#[tokio::test]
+async fn reports_what_the_api_server_accepts_but_cannot_work() {
+    if !e2e::enabled("reports_what_the_api_server_accepts_but_cannot_work") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let client = e2e::client().await;
+    let tag = format!("in-{}", e2e::suffix());
+    let fleet = fleet(&client, &tag, 1).await;
+    let ns = TestNamespace::new(&client, "input").await;
+    let operator = Operator::start("input", &[]).await;
+    operator.wait_leading().await;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let regions = fleet.regions();
 
-/// Two pools whose nodes are machines of the simulated clouds: EC2 instances
-/// launched through the EC2 endpoint and a scale set's VMs, which the simulator's
-/// registrar turns into kwok Nodes.
-struct SimFleet {
-    client: Client,
-    control: Control,
-    ec2: aws_sdk_ec2::Client,
-    aws: String,
-    azure: String,
-    instances: Vec<String>,
+    // What could never apply is refused at admission, naming the field and the fix.
+    let long = "m".repeat(70);
+    let refused = api
+        .create(
+            &PostParams::default(),
+            &model_deployment(&long, 1, &regions, json!({})),
+        )
+        .await
+        .expect_err("a 70-character name is refused");
+    assert!(
+        refused.to_string().contains("at most 63 characters"),
+        "{refused}"
+    );
+    let refused = api
+        .create(
+            &PostParams::default(),
+            &model_deployment(
+                "empty",
+                1,
+                &regions,
+                json!({"template": {"spec": {"containers": []}}}),
+            ),
+        )
+        .await
+        .expect_err("no container is refused");
+    assert!(
+        refused.to_string().contains("template.spec.containers"),
+        "{refused}"
+    );
+
+    // A child the API server refuses: Ready=False ApplyFailed with its message, and
+    // a Warning Event.
+    api.create(
+        &PostParams::default(),
+        &model_deployment(
+            "badname",
+            1,
+            &regions,
+            json!({"template": {"spec": {"containers": [{"name": "Not_A_DNS_Label", "image": "server:1"}]}}}),
+        ),
+    )
+    .await
+    .expect("the schema cannot tell a bad container name");
+    let (_, reason, message) = wait_for("Ready=False ApplyFailed", CONVERGE, || async {
+        condition(&client, &ns.name, "badname", "Ready")
+            .await
+            .filter(|c| c.1 == "ApplyFailed")
+    })
+    .await;
+    assert!(
+        message.contains("refused Deployment") && message.contains("containers[0].name"),
+        "{reason}: {message}"
+    );
+    wait_for("the ApplyFailed Event", CONVERGE, || async {
+        let events = e2e::kubectl(&[
+            "get",
+            "events",
+            "-n",
+            &ns.name,
+            "--field-selector",
+            "reason=ApplyFailed",
+            "-o",
+            "name",
+        ]);
+        (!events.trim().is_empty()).then_some(())
+    })
+    .await;
+
+    // No pool has the GPU asked for: the condition says why, as `outrigger plan` does.
+    api.create(
+        &PostParams::default(),
+        &model_deployment(
+            "h200",
+            1,
+            &regions,
+            json!({"gpu": {"count": 4, "types": ["H200"]}}),
+        ),
+    )
+    .await
+    .expect("created");
+    let (_, _, message) = wait_for("Ready=False ReplicasUnplaced", CONVERGE, || async {
+        condition(&client, &ns.name, "h200", "Ready")
+            .await
+            .filter(|c| c.1 == "ReplicasUnplaced")
+    })
+    .await;
+    assert!(
+        message.contains("GPU type H100 is not in gpu.types"),
+        "{message}"
+    );
+
+    // A deleted ModelDeployment's metric series go with it.
+    let (aws, azure) = two_providers(&tag);
+    api.create(
+        &PostParams::default(),
+        &model_deployment("gone", 2, &regions, json!({})),
+    )
+    .await
+    .expect("created");
+    wait_placed(&client, &ns.name, "gone", &[(&aws, 1), (&azure, 1)]).await;
+    let series = format!("deployment=\"{}/gone\"", ns.name);
+    let exported = || async {
+        reqwest::get(&operator.metrics_url)
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+            .map(|t| {
+                t.lines()
+                    .any(|l| l.starts_with("outrigger_replicas{") && l.contains(&series))
+            })
+    };
+    wait_for("the replicas series of gone", CONVERGE, || async {
+        exported().await.filter(|on| *on)
+    })
+    .await;
+    api.delete("gone", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    wait_for("the replicas series of gone removed", CONVERGE, || async {
+        exported().await.filter(|on| !*on)
+    })
+    .await;
+
+    operator.stop().await;
+    ns.delete().await;
+    fleet.delete().await;
 }
 
-impl SimFleet {
-    async fn new(client: &Client, tag: &str, nodes: i32) -> SimFleet {
-        let sim = e2e::SimClouds::from_env();
-        let fleet = SimFleet {
-            client: client.clone(),
-            ec2: sim.ec2(FAILOVER_AWS_REGION).await,
-            control: sim.control,
-            aws: format!("aws-{tag}"),
-            azure: format!("azure-{tag}"),
-            instances: Vec::new(),
-        };
-        let pools: Api<outrigger_crds::GpuNodePool> = Api::all(client.clone());
-        for (name, provider, region, zone, instance_type) in [
-            (
-                &fleet.aws,
-                "aws",
-                FAILOVER_AWS_REGION,
-                FAILOVER_AWS_ZONE,
-                "p5.48xlarge",
-            ),
-            (
-                &fleet.azure,
-                "azure",
-                FAILOVER_AZURE_REGION,
-                "1",
-                "Standard_ND96isr_H100_v5",
-            ),
-        ] {
-            let pool = serde_json::from_value(json!({
-                "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
-                "metadata": {"name": name},
-                "spec": {"provider": provider, "region": region, "zone": zone, "instanceType": instance_type,
-                    "gpu": {"type": "H100", "count": 8}, "pricePerNodeHour": 98.32, "nodes": {"min": 0, "max": nodes}}
-            }))
-            .expect("pool");
-            pools
-                .create(&PostParams::default(), &pool)
-                .await
-                .expect("pool created");
-        }
-        fleet.control.create_scale_set(json!({
-            "subscriptionId": SUBSCRIPTION, "resourceGroup": "e2e", "name": format!("fo{tag}").replace('-', ""),
-            "location": FAILOVER_AZURE_REGION, "sku": "Standard_ND96isr_H100_v5", "zones": ["1"],
-            "capacity": nodes, "pool": fleet.azure,
-        }))
-        .await;
-        let launched = fleet
-            .ec2
-            .run_instances()
-            .image_id("ami-12345678")
-            .instance_type(aws_sdk_ec2::types::InstanceType::from("p5.48xlarge"))
-            .placement(
-                aws_sdk_ec2::types::Placement::builder()
-                    .availability_zone(FAILOVER_AWS_ZONE)
-                    .build(),
-            )
-            .min_count(nodes)
-            .max_count(nodes)
-            .tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(
-                        aws_sdk_ec2::types::Tag::builder()
-                            .key("outrigger.dev/pool")
-                            .value(&fleet.aws)
-                            .build(),
-                    )
-                    .build(),
-            )
-            .send()
-            .await
-            .expect("RunInstances");
-        let mut fleet = fleet;
-        fleet.instances = launched
-            .instances()
-            .iter()
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect();
-        let nodes_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-        for pool in [fleet.aws.clone(), fleet.azure.clone()] {
-            wait_for(
-                &format!("{nodes} Ready nodes of {pool}"),
-                CONVERGE,
-                || async {
-                    let list = nodes_api
-                        .list(&ListParams::default().labels(&format!("outrigger.dev/pool={pool}")))
-                        .await
-                        .ok()?;
-                    (list.items.iter().filter(|n| e2e::node_ready(n)).count()
-                        == usize::try_from(nodes).unwrap_or(0))
-                    .then_some(())
-                },
-            )
-            .await;
-        }
-        fleet
-    }
+/// Less than the node lifecycle controller's grace (50 s) plus `unhealthyAfterSeconds`:
+/// only the operator's own clock of when it saw the nodes lost can make this deadline,
+/// not a timestamp the controller-manager writes later.
+const OWN_CLOCK: Duration = Duration::from_secs(30);
 
-    async fn delete(self) {
-        let _ = self
-            .control
-            .call(reqwest::Method::DELETE, "/outage", None)
-            .await;
-        if !self.instances.is_empty() {
-            let _ = self
-                .ec2
-                .terminate_instances()
-                .set_instance_ids(Some(self.instances.clone()))
-                .send()
-                .await;
-        }
-        self.control
-            .delete_scale_set(
-                SUBSCRIPTION,
-                "e2e",
-                &format!("fo{}", self.aws.trim_start_matches("aws-")).replace('-', ""),
-            )
-            .await;
-        let pools: Api<outrigger_crds::GpuNodePool> = Api::all(self.client.clone());
-        for name in [&self.aws, &self.azure] {
-            let _ = pools.delete(name, &DeleteParams::background()).await;
-        }
+#[tokio::test]
+async fn fails_over_when_lost_nodes_report_no_condition_times() {
+    if !e2e::enabled("fails_over_when_lost_nodes_report_no_condition_times") {
+        return;
     }
+    let _turn = e2e::serial().await;
+    let client = e2e::client().await;
+    let tag = format!("nt-{}", e2e::suffix());
+    let fleet = fleet(&client, &tag, 2).await;
+    let ns = TestNamespace::new(&client, "notimes").await;
+    let operator = Operator::start("notimes", &[]).await;
+    operator.wait_leading().await;
+    let (aws, azure) = two_providers(&tag);
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    api.create(
+        &PostParams::default(),
+        &model_deployment("m", 4, &fleet.regions(), json!({})),
+    )
+    .await
+    .expect("created");
+    wait_placed(&client, &ns.name, "m", &[(&aws, 2), (&azure, 2)]).await;
+
+    let lost = Instant::now();
+    fleet.outage_without_times(&aws).await;
+    let want: BTreeMap<String, u32> = BTreeMap::from([(azure.clone(), 4)]);
+    wait_for(
+        "every replica Ready on azure, lost nodes reporting no times",
+        OWN_CLOCK,
+        || async { (ready_per_pool(&client, &ns.name, "m").await == want).then_some(()) },
+    )
+    .await;
+    println!(
+        "failover without condition times: {:.1} s (unhealthyAfterSeconds: 5)",
+        lost.elapsed().as_secs_f64()
+    );
+
+    operator.stop().await;
+    ns.delete().await;
+    fleet.delete().await;
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! `azure`): machines become Nodes of the cluster their tag names and run GPU pods
 //! there; a cluster taken down keeps its data when it comes back; a partition cuts
 //! the peer link between two clusters (refused, or accepted and never answered)
-//! and nothing else, and healing opens it again.
+//! and nothing else, and healing opens it again. Its fresh clusters also show an
+//! operator started before the CRDs exist: it says how to install them, and
+//! starts once they are.
 //!
 //! Runs only with `OUTRIGGER_PEERS_E2E=1` and the environment of `hack/e2e-peers`
 //! (`OUTRIGGER_PEERS_DIR` and the simulators of `eval "$(hack/peers env aws)"`);
@@ -17,11 +19,12 @@ use std::time::Duration;
 use aws_sdk_ec2::types::{InstanceType, Placement, ResourceType, Tag, TagSpecification};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::{CLUSTER_TAG, POOL_LABEL};
-use outrigger_tests::e2e::SimClouds;
+use outrigger_tests::e2e::{Operator, SimClouds};
 use outrigger_tests::harness::{eventually, repo_root};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -128,11 +131,67 @@ async fn two_clusters_share_the_clouds_and_can_be_lost_and_cut_apart() {
 }
 
 async fn steps(run: &Run) {
+    an_operator_without_crds_says_how_to_install_them(run).await;
     machines_become_nodes_of_their_own_cluster_and_run_gpu_pods(run).await;
     a_cluster_taken_down_comes_back_with_its_data(run).await;
     for mode in ["refuse", "blackhole"] {
         a_partition_cuts_the_peer_link_only(run, mode).await;
     }
+}
+
+/// On the `aws` cluster, fresh from `hack/peers up` with no CRDs yet (hack/e2e-peers
+/// applies none): the operator names what is missing and the fix, stays unready, and
+/// starts its controllers once the CRDs are created. Then both clusters get them.
+async fn an_operator_without_crds_says_how_to_install_them(run: &Run) {
+    let crds: Api<CustomResourceDefinition> = Api::all(run.aws.clone());
+    assert!(
+        crds.get_opt("modeldeployments.outrigger.dev")
+            .await
+            .expect("read CRDs")
+            .is_none(),
+        "this step needs a cluster without the CRDs"
+    );
+    let operator = Operator::start("no-crds", &[]).await;
+    let log = || std::fs::read_to_string(&operator.log).unwrap_or_default();
+    eventually(
+        "the operator to name the missing CRDs",
+        DEADLINE,
+        || async { log().contains("kubectl apply -f crds/").then_some(()) },
+    )
+    .await;
+    let ready = reqwest::get(operator.metrics_url.replace("/metrics", "/readyz"))
+        .await
+        .expect("readyz answers");
+    assert!(!ready.status().is_success(), "not ready without the CRDs");
+    assert!(
+        !log().contains("404 page not found"),
+        "no cryptic watch errors: {}",
+        log()
+    );
+    for kube in [&run.aws, &run.azure] {
+        let api: Api<CustomResourceDefinition> = Api::all(kube.clone());
+        for crd in outrigger_crds::crds() {
+            match api.create(&PostParams::default(), &crd).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => panic!("create CRD {}: {e}", crd.name_any()),
+            }
+        }
+    }
+    eventually("the controllers to start", DEADLINE, || async {
+        log().contains("CRDs are installed now").then_some(())
+    })
+    .await;
+    eventually("the operator ready", DEADLINE, || async {
+        reqwest::get(operator.metrics_url.replace("/metrics", "/readyz"))
+            .await
+            .ok()?
+            .status()
+            .is_success()
+            .then_some(())
+    })
+    .await;
+    operator.stop().await;
 }
 
 async fn nodes_of(kube: &Client, pool: &str) -> Vec<Node> {

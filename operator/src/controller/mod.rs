@@ -15,7 +15,7 @@ use outrigger_crds::GpuNodePool;
 use tokio::sync::Mutex;
 
 use crate::cloud::{CloudError, Clouds};
-use crate::inventory::{Inventory, Key};
+use crate::inventory::{Inventory, Key, LostClock};
 use crate::telemetry::Metrics;
 
 pub mod model_deployment;
@@ -31,16 +31,21 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub budgets: Store<PodDisruptionBudget>,
+    /// When each lost node was first seen lost, across reconciles.
+    pub lost_clock: Arc<std::sync::Mutex<LostClock>>,
 }
 
 impl Stores {
     pub fn inventory(&self) -> Inventory {
+        // A panic while the lock is held leaves plain data behind; carry on with it.
+        let mut clock = self.lost_clock.lock().unwrap_or_else(|e| e.into_inner());
         Inventory::new(
             self.pools.state(),
             &self.nodes.state(),
             &self.pods.state(),
             &self.deployments.state(),
             Timestamp::now(),
+            &mut clock,
         )
     }
 }

@@ -27,7 +27,7 @@ pub const CONTROLLER: &str = "modeldeployment";
 /// Look again this often with no trigger: other workloads' GPU use can change
 /// without an event we watch.
 const RECHECK: Duration = Duration::from_secs(60);
-/// The field manager for the condition that reports an invalid spec.
+/// The field manager for the condition that reports an invalid spec or a refused child.
 const VALIDATION_MANAGER: &str = "outrigger-validation";
 
 pub async fn reconcile(
@@ -101,7 +101,21 @@ async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
         .collect();
     let targets = targets(&plan, &request.current, &ready, &view.health);
 
-    apply_children(md, &key, &targets, &request.current, &inventory, ctx).await?;
+    if let Err(error) = apply_children(md, &key, &targets, &request.current, &inventory, ctx).await
+    {
+        // Refused for what the object says (invalid, forbidden, over a quota), not a
+        // transient failure: a person has to act on it.
+        if let Error::Apply {
+            kind,
+            name,
+            source: kube::Error::Api(status),
+        } = &error
+            && matches!(status.code, 400 | 403 | 422)
+        {
+            report_apply_failed(md, kind, name, &status.message, ctx).await?;
+        }
+        return Err(error);
+    }
 
     let applied: status::Applied = targets
         .iter()
@@ -330,10 +344,54 @@ async fn write_status(
     Ok(())
 }
 
+/// Marks a ModelDeployment whose child the API server refused: `Ready=False` with
+/// reason `ApplyFailed` and the server's own message, and a Warning Event, once per
+/// distinct message. The reconcile still fails, so it is retried with backoff.
+async fn report_apply_failed(
+    md: &ModelDeployment,
+    kind: &str,
+    child: &str,
+    said: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let message = format!(
+        "the API server refused {kind} {child}: {said}; fix the ModelDeployment's spec (see kubectl describe md {})",
+        md.name_any()
+    );
+    report_condition(
+        &md.metadata,
+        "ApplyFailed",
+        &message,
+        md.status.as_ref().map(|s| s.conditions.as_slice()),
+        ctx,
+    )
+    .await
+}
+
 /// Marks a ModelDeployment whose spec cannot be used: `Ready=False` with reason
 /// `InvalidSpec`, and a Warning Event. Its children are left as they are.
 async fn report_invalid(
     meta: &ObjectMeta,
+    message: &str,
+    previous: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    report_condition(
+        meta,
+        "InvalidSpec",
+        &format!("the spec cannot be used: {message}"),
+        previous,
+        ctx,
+    )
+    .await
+}
+
+/// `Ready=False` with `reason` and `message` (its own field manager, so the rest of
+/// the status stays as the last pass wrote it), and a Warning Event with the same
+/// reason; nothing when the condition already says so.
+async fn report_condition(
+    meta: &ObjectMeta,
+    reason: &str,
     message: &str,
     previous: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
     ctx: &Context,
@@ -343,17 +401,17 @@ async fn report_invalid(
     let already = previous
         .unwrap_or_default()
         .iter()
-        .any(|c| c.type_ == condition::READY && c.reason == "InvalidSpec" && c.message == message);
+        .any(|c| c.type_ == condition::READY && c.reason == reason && c.message == message);
     if already {
         return Ok(());
     }
-    tracing::warn!(namespace = %ns, name = %name, %message, "invalid ModelDeployment");
+    tracing::warn!(namespace = %ns, name = %name, %reason, %message, "ModelDeployment not ready");
     let condition = status::condition(
         previous.unwrap_or_default(),
         condition::READY,
         false,
-        "InvalidSpec",
-        format!("the spec cannot be used: {message}"),
+        reason,
+        message.to_string(),
         meta.generation,
         Timestamp::now(),
     );
@@ -387,7 +445,7 @@ async fn report_invalid(
         ctx,
         &reference,
         EventType::Warning,
-        "InvalidSpec",
+        reason,
         message.to_string(),
     )
     .await;
@@ -516,16 +574,7 @@ fn record_replicas(
             provider: provider.to_string(),
             pool: pool.clone(),
         };
-        match targets.get(pool) {
-            Some(&n) if n > 0 => {
-                ctx.metrics
-                    .replicas
-                    .get_or_create(&labels_)
-                    .set(i64::from(n));
-            }
-            _ => {
-                ctx.metrics.replicas.remove(&labels_);
-            }
-        }
+        ctx.metrics
+            .set_replicas(labels_, targets.get(pool).copied().unwrap_or(0));
     }
 }

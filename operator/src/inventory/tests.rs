@@ -77,8 +77,83 @@ fn a_node_that_never_was_ready_is_booting_not_lost() {
     ];
     for (conditions, taints, want) in cases {
         let n = node(conditions.clone(), taints);
-        assert_eq!(readiness(&n, now), want, "{conditions}");
+        let mut clock = LostClock::default();
+        assert_eq!(
+            clock.readiness("n0", reported(&n), now),
+            want,
+            "{conditions}"
+        );
     }
+}
+
+#[test]
+fn a_lost_node_without_timestamps_is_lost_since_it_was_first_seen_lost() {
+    // As some node agents write it: Ready=False with no lastTransitionTime.
+    let n = node(
+        json!([{"type": "Ready", "status": "False", "reason": "NodeDown"}]),
+        json!(null),
+    );
+    let first = at("2026-01-01T00:05:00Z");
+    let mut clock = LostClock::default();
+    assert_eq!(
+        clock.readiness("n0", reported(&n), first),
+        Readiness::Lost(first)
+    );
+    // Every later pass keeps the clock running from the first sighting.
+    let later = at("2026-01-01T00:05:30Z");
+    assert_eq!(
+        clock.readiness("n0", reported(&n), later),
+        Readiness::Lost(first)
+    );
+    // A status time later than the sighting does not restart it either.
+    let stale = node(
+        ready("Unknown", "NodeStatusUnknown", "2026-01-01T00:05:20Z"),
+        json!(null),
+    );
+    assert_eq!(
+        clock.readiness("n0", reported(&stale), later),
+        Readiness::Lost(first)
+    );
+    // Ready again: forgotten, and the next loss starts a new clock.
+    let back = node(ready("True", "KubeletReady", CREATED), json!(null));
+    assert_eq!(
+        clock.readiness("n0", reported(&back), later),
+        Readiness::Ready
+    );
+    let again = at("2026-01-01T00:06:00Z");
+    assert_eq!(
+        clock.readiness("n0", reported(&n), again),
+        Readiness::Lost(again)
+    );
+}
+
+#[test]
+fn a_pool_whose_nodes_report_no_times_still_fails_over_after_the_grace() {
+    let lost = node(
+        json!([{"type": "Ready", "status": "False", "reason": "NodeDown"}]),
+        json!(null),
+    );
+    let owner: Key = ("ns".into(), "md".into());
+    let grace = Duration::from_secs(5);
+    let mut clock = LostClock::default();
+    let t0 = at("2026-01-01T00:05:00Z");
+    let view = |clock: &mut LostClock, now: Timestamp| {
+        Inventory::new(
+            vec![pool()],
+            std::slice::from_ref(&lost),
+            &[],
+            &[],
+            now,
+            clock,
+        )
+        .view(&owner, grace, Duration::from_secs(20))
+    };
+    assert_eq!(view(&mut clock, t0).health["aws-a"], Health::Healthy);
+    let t6 = at("2026-01-01T00:05:06Z");
+    assert_eq!(
+        view(&mut clock, t6).health["aws-a"],
+        Health::Unhealthy { lost_since: t0 }
+    );
 }
 
 #[test]
@@ -90,6 +165,7 @@ fn booting_nodes_are_room_to_grow_and_do_not_make_a_pool_lost() {
         &[],
         &[],
         now,
+        &mut LostClock::default(),
     );
     let counts = inv.counts(0);
     assert_eq!(
