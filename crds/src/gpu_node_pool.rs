@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Taint;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -242,10 +242,55 @@ pub struct GpuNodePoolStatus {
     /// Instances the cloud reports for the pool, including ones not yet Nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_instances: Option<u32>,
+    /// Since when every started node of the pool has been lost (NotReady or
+    /// unreachable); absent while any is Ready. Placement reads this, not the
+    /// `Ready` condition's words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_since: Option<Time>,
+    /// When the pool's nodes came back after all were lost; each ModelDeployment
+    /// moves replicas back only `failover.rebalanceAfterSeconds` after this.
+    /// Absent until a pool first recovers; cleared when it is lost again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_at: Option<Time>,
+    /// The last capacity or quota error of a pool with `scaling`, and the growth
+    /// backoff it started. The pool does not grow while `until` is in the future; it
+    /// stays after that, so a repeated error doubles the backoff, and goes when a
+    /// launch succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_backoff: Option<CapacityBackoff>,
     /// `Ready`, `CapacityAvailable` and `CloudReachable`, with reason and message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A growth backoff after a capacity or quota error, as typed facts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityBackoff {
+    /// The pool does not grow before this time.
+    pub until: Time,
+    /// Length of this backoff in seconds (it doubles while errors repeat).
+    pub seconds: u64,
+    /// The kind of error: `InsufficientCapacity` or `QuotaExceeded`.
+    pub reason: String,
+    /// The cloud's own error code, e.g. `InsufficientInstanceCapacity`.
+    pub code: String,
+    /// The offering that failed: instance type, zone (if any) and capacity type.
+    pub offering: Offering,
+}
+
+/// What a launch asks the cloud for: one instance type in one zone, on-demand or spot.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Offering {
+    /// The pool's `instanceType`.
+    pub instance_type: String,
+    /// The pool's `zone`; absent for a regional pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The pool's `capacityType`.
+    pub capacity_type: CapacityType,
 }
 
 /// GPU totals over a pool's Ready nodes.

@@ -18,8 +18,8 @@ mod provider;
 mod schema;
 
 pub use gpu_node_pool::{
-    AwsScaling, AzureScaling, GpuCounts, GpuNodePool, GpuNodePoolSpec, GpuNodePoolStatus,
-    LaunchTemplateRef, NodeRange, PoolGpu, Scaling,
+    AwsScaling, AzureScaling, CapacityBackoff, GpuCounts, GpuNodePool, GpuNodePoolSpec,
+    GpuNodePoolStatus, LaunchTemplateRef, NodeRange, Offering, PoolGpu, Scaling,
 };
 pub use model_deployment::{
     FailoverSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, PlacementSpec,

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::jiff::Timestamp;
 use outrigger_crds::{
     GpuNodePool, GpuNodePoolStatus, ModelDeployment, SpreadBy, Strategy, WhenUnsatisfiable,
-    condition,
 };
 use outrigger_placement as placement;
 
@@ -63,13 +63,12 @@ pub fn nodes_from_status(
         .collect()
 }
 
-/// The pool's status says the cloud refused to grow it (`CapacityAvailable=False`).
-pub fn growth_blocked(status: Option<&GpuNodePoolStatus>) -> bool {
-    status.is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == condition::CAPACITY_AVAILABLE && c.status == "False")
-    })
+/// The pool's typed backoff says the cloud refused to grow it, and the backoff has
+/// not ended yet at `now`.
+pub fn growth_blocked(status: Option<&GpuNodePoolStatus>, now: Timestamp) -> bool {
+    status
+        .and_then(|s| s.capacity_backoff.as_ref())
+        .is_some_and(|b| b.until.0 > now)
 }
 
 /// What a ModelDeployment asks of the solver, with its current placement.

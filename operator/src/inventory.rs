@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use outrigger_crds::{GpuNodePool, condition};
+use outrigger_crds::GpuNodePool;
 use outrigger_placement as placement;
 
 use crate::{inputs, labels};
@@ -415,21 +415,18 @@ impl Inventory {
             let name = pool.metadata.name.clone().unwrap_or_default();
             let status = pool.status.as_ref();
             let lost = self.pool_lost_since(i);
-            let ready_condition =
-                status.and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY));
-            let recovering_until = ready_condition
-                .and_then(|c| match (c.status.as_str(), c.reason.as_str()) {
-                    ("True", labels::REASON_RECOVERED) => {
-                        Some(c.last_transition_time.0 + rebalance)
-                    }
-                    // Nodes are back but the pool status has not caught up yet: the
-                    // recovery is happening now.
-                    ("False", labels::REASON_NODES_LOST) if lost.is_none() => {
-                        Some(self.now + rebalance)
-                    }
-                    _ => None,
-                })
-                .filter(|until| *until > self.now);
+            // Typed facts of the pool's status, never its condition's words.
+            let recovering_until = match (
+                status.and_then(|s| s.recovered_at.as_ref()),
+                status.is_some_and(|s| s.lost_since.is_some()),
+            ) {
+                (Some(at), _) => Some(at.0 + rebalance),
+                // Nodes are back but the pool status has not caught up yet: the
+                // recovery is happening now.
+                (None, true) if lost.is_none() => Some(self.now + rebalance),
+                _ => None,
+            }
+            .filter(|until| *until > self.now);
             let state = match (lost, recovering_until) {
                 (Some(since), _) if since + grace <= self.now => {
                     Health::Unhealthy { lost_since: since }
@@ -478,8 +475,12 @@ impl Inventory {
                 };
                 nodes.push(node);
             }
-            let growth_blocked =
-                inputs::growth_blocked(status) || matches!(state, Health::Recovering { .. });
+            let growth_blocked = inputs::growth_blocked(status, self.now)
+                || matches!(state, Health::Recovering { .. });
+            // A backoff's end makes room: plan again then.
+            if let Some(backoff) = status.and_then(|s| s.capacity_backoff.as_ref()) {
+                soonest(backoff.until.0);
+            }
             let mut solver_pool = inputs::pool(
                 pool,
                 nodes,

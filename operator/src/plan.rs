@@ -107,7 +107,7 @@ pub fn plan_all(pools: &[GpuNodePool], deployments: &[ModelDeployment]) -> Outpu
             inputs::pool(
                 p,
                 inputs::nodes_from_status(p.spec.gpu.count, status),
-                inputs::growth_blocked(status),
+                inputs::growth_blocked(status, k8s_openapi::jiff::Timestamp::now()),
                 true,
             )
         })

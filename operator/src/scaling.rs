@@ -1,12 +1,13 @@
 //! The scaler's decisions, pure: how many nodes the current plans need in a pool,
 //! which nodes to cordon and return, which instances are leaks, and the capacity
-//! backoff that the pool's `CapacityAvailable` condition carries across restarts.
+//! backoff that the pool's typed `status.capacityBackoff` carries across restarts.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use outrigger_crds::{CapacityBackoff, GpuNodePool, Offering};
 
 use crate::cloud::{CloudError, Instance};
 use crate::inventory::{Inventory, Readiness};
@@ -23,10 +24,10 @@ const BACKOFF_GROWTH: u64 = 10;
 pub const REASON_AVAILABLE: &str = "CapacityAvailable";
 pub const REASON_BACKOFF_EXPIRED: &str = "BackoffExpired";
 
-/// Where the pool stands after capacity errors, as its condition says.
+/// Where the pool stands after capacity errors, read from its typed backoff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backoff {
-    /// No recent capacity error.
+    /// No capacity error since the last successful launch.
     Clear,
     /// Growth blocked until `until`; the backoff that led there.
     Blocked { until: Timestamp, seconds: u64 },
@@ -35,22 +36,15 @@ pub enum Backoff {
 }
 
 impl Backoff {
-    /// Reads the backoff from a `CapacityAvailable` condition this module wrote.
-    pub fn of(condition: Option<&Condition>) -> Backoff {
-        let Some(c) = condition else {
-            return Backoff::Clear;
-        };
-        let seconds = number_after(&c.message, "backoff ");
-        match (c.status.as_str(), seconds) {
-            ("False", Some(seconds)) => {
-                let until = c.last_transition_time.0
-                    + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX));
-                Backoff::Blocked { until, seconds }
-            }
-            ("True", Some(seconds)) if c.reason == REASON_BACKOFF_EXPIRED => {
-                Backoff::Expired { seconds }
-            }
-            _ => Backoff::Clear,
+    /// The backoff a pool's status records, as of `now`.
+    pub fn of(record: Option<&CapacityBackoff>, now: Timestamp) -> Backoff {
+        match record {
+            None => Backoff::Clear,
+            Some(b) if b.until.0 > now => Backoff::Blocked {
+                until: b.until.0,
+                seconds: b.seconds,
+            },
+            Some(b) => Backoff::Expired { seconds: b.seconds },
         }
     }
 
@@ -65,12 +59,33 @@ impl Backoff {
         }
     }
 
-    /// The message of a blocked condition; `Backoff::of` reads it back.
-    pub fn blocked_message(error: &CloudError, seconds: u64, since: Timestamp) -> String {
-        let until = since + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX));
+    /// The typed record of a new backoff of `seconds` from `since`, after `error`.
+    pub fn record(
+        pool: &GpuNodePool,
+        error: &CloudError,
+        seconds: u64,
+        since: Timestamp,
+    ) -> CapacityBackoff {
+        CapacityBackoff {
+            until: Time(
+                since + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX)),
+            ),
+            seconds,
+            reason: error.category().to_string(),
+            code: error.code.clone(),
+            offering: Offering {
+                instance_type: pool.spec.instance_type.clone(),
+                zone: pool.spec.zone.clone(),
+                capacity_type: pool.spec.capacity_type,
+            },
+        }
+    }
+
+    /// The message of a blocked condition, for people.
+    pub fn blocked_message(error: &CloudError, record: &CapacityBackoff) -> String {
         format!(
-            "{} {}: {}; the pool does not grow until {until} (backoff {seconds}s)",
-            error.code, error.operation, error.message
+            "{} {}: {}; the pool does not grow until {} (backoff {}s)",
+            error.code, error.operation, error.message, record.until.0, record.seconds
         )
     }
 
@@ -79,12 +94,6 @@ impl Backoff {
             "the capacity backoff has passed; the pool may grow again (last backoff {seconds}s)"
         )
     }
-}
-
-fn number_after(text: &str, marker: &str) -> Option<u64> {
-    let rest = &text[text.rfind(marker)? + marker.len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
 }
 
 /// Nodes the current plans need in pool `pool`: its children's replicas packed

@@ -363,6 +363,14 @@ async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
         "{}",
         condition.message
     );
+    // What placement reads is the typed record, not the words.
+    let backoff = aws_status.capacity_backoff.expect("status.capacityBackoff");
+    assert_eq!(
+        (backoff.reason.as_str(), backoff.code.as_str()),
+        ("InsufficientCapacity", "InsufficientInstanceCapacity")
+    );
+    assert_eq!(backoff.offering.instance_type, "p5.48xlarge");
+    assert!(backoff.seconds > 0, "{backoff:?}");
     sim.control.clear_all().await;
 
     // The other way: Azure, now the cheaper, refuses more cores (quota); the

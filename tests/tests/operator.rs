@@ -572,6 +572,16 @@ async fn fails_over_in_seconds_and_returns_after_rebalance() {
         .await
         .expect("condition");
     assert_eq!(reason, "RulesNotMet", "{message}");
+    let pools: Api<outrigger_crds::GpuNodePool> = Api::all(client.clone());
+    let typed = |pool: outrigger_crds::GpuNodePool| {
+        let status = pool.status.unwrap_or_default();
+        (status.lost_since.is_some(), status.recovered_at.is_some())
+    };
+    assert_eq!(
+        typed(pools.get(&aws).await.expect("pool")),
+        (true, false),
+        "the lost pool publishes status.lostSince"
+    );
 
     let back = Instant::now();
     fleet.control.recover("aws").await;
@@ -585,6 +595,11 @@ async fn fails_over_in_seconds_and_returns_after_rebalance() {
             .map(|_| ())
     })
     .await;
+    assert_eq!(
+        typed(pools.get(&aws).await.expect("pool")),
+        (false, true),
+        "the recovered pool publishes status.recoveredAt"
+    );
     wait_placed(&client, &ns.name, "llama", &[(&aws, 2), (&azure, 2)]).await;
     let returned = back.elapsed();
     println!(

@@ -1,10 +1,12 @@
-//! Keeps each GpuNodePool's observed status current: nodes, Ready nodes, GPUs, and
-//! the `Ready` condition (`NodesLost` when every node is lost, `Recovered` when they
-//! come back, which starts the ModelDeployments' rebalance clock).
+//! Keeps each GpuNodePool's observed status current: nodes, Ready nodes, GPUs, the
+//! typed `lostSince` (every node lost since then) and `recoveredAt` (back since then,
+//! which starts the ModelDeployments' rebalance clock), and the `Ready` condition
+//! that says the same in words (`NodesLost`, `Recovered`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -34,9 +36,22 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
     let prior = previous.iter().find(|c| c.type_ == condition::READY);
+    let current = pool.status.as_ref();
     let now = Timestamp::now();
     let lost = counts.nodes - counts.ready_nodes - counts.booting_nodes;
-    let ready = if lost > 0 && counts.ready_nodes == 0 {
+    // Typed facts first: placement (here and in peers) reads these, never the words.
+    let lost_since = if lost > 0 && counts.ready_nodes == 0 {
+        inventory.pool_lost_since(index).map(Time)
+    } else {
+        None
+    };
+    let was_lost = current.is_some_and(|s| s.lost_since.is_some());
+    let recovered_at = match (&lost_since, was_lost) {
+        (Some(_), _) => None,
+        (None, true) => Some(Time(now)),
+        (None, false) => current.and_then(|s| s.recovered_at.clone()),
+    };
+    let ready = if lost_since.is_some() {
         status::condition(
             previous,
             condition::READY,
@@ -46,14 +61,9 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
             pool.metadata.generation,
             now,
         )
-    } else if prior.is_some_and(|c| {
-        (c.status == "False" && c.reason == labels::REASON_NODES_LOST)
-            || (c.status == "True" && c.reason == labels::REASON_RECOVERED)
-    }) {
+    } else if let Some(at) = &recovered_at {
         let mut c = status::condition(previous, condition::READY, true, labels::REASON_RECOVERED, "nodes are Ready again after all were lost; replicas return after each ModelDeployment's failover.rebalanceAfterSeconds".to_string(), pool.metadata.generation, now);
-        if prior.is_some_and(|p| p.status == "True") {
-            c.last_transition_time = prior.expect("checked").last_transition_time.clone();
-        }
+        c.last_transition_time = at.clone();
         c
     } else if counts.nodes == 0 {
         status::condition(
@@ -79,13 +89,14 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
             now,
         )
     };
-    let current = pool.status.as_ref();
     let unchanged = current.is_some_and(|s| {
         s.nodes == Some(counts.nodes)
             && s.ready_nodes == Some(counts.ready_nodes)
             && s.gpus.as_ref().is_some_and(|g| {
                 g.allocatable == counts.allocatable && g.requested == counts.requested
             })
+            && s.lost_since == lost_since
+            && s.recovered_at == recovered_at
     }) && prior.is_some_and(|c| {
         c.status == ready.status && c.reason == ready.reason && c.message == ready.message
     });
@@ -99,6 +110,8 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
             "nodes": counts.nodes,
             "readyNodes": counts.ready_nodes,
             "gpus": {"allocatable": counts.allocatable, "requested": counts.requested},
+            "lostSince": lost_since,
+            "recoveredAt": recovered_at,
             "conditions": [ready],
         },
     });
@@ -106,7 +119,7 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
     api.patch_status(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+        &Patch::Apply(super::without_nulls(patch)),
     )
     .await
     .map_err(|source| Error::Status {

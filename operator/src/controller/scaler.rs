@@ -18,7 +18,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Resource, ResourceExt};
-use outrigger_crds::{GpuNodePool, condition};
+use outrigger_crds::{CapacityBackoff, GpuNodePool, condition};
 use tokio::sync::Mutex;
 
 use super::{Context, Error};
@@ -69,6 +69,7 @@ pub struct Memory {
 pub struct Written {
     desired: Option<u32>,
     instances: Option<u32>,
+    backoff: Option<CapacityBackoff>,
     conditions: Vec<Condition>,
 }
 
@@ -87,6 +88,7 @@ impl Written {
         Written {
             desired: status.desired_nodes,
             instances: status.cloud_instances,
+            backoff: status.capacity_backoff,
             conditions,
         }
     }
@@ -152,7 +154,7 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
                     pool.spec.provider
                 ),
             );
-            write_status(&ctx, &pool, &before, None, None, vec![reachable]).await?;
+            write_status(&ctx, &pool, &before, Update::conditions(vec![reachable])).await?;
         }
         return Ok(Action::await_change());
     };
@@ -205,11 +207,13 @@ async fn apply(
         scaling::nodes_needed(&inventory, index, pool.spec.nodes.min, pool.spec.nodes.max);
 
     // Growth, unless a capacity error blocks it.
-    let backoff = Backoff::of(before.condition(condition::CAPACITY_AVAILABLE));
+    let backoff = Backoff::of(before.backoff.as_ref(), now);
     let mut capacity = None;
+    // `None`: the recorded backoff stays as it is.
+    let mut backoff_after: Option<Option<CapacityBackoff>> = None;
     let mut launched = 0;
     let blocked_until = match backoff {
-        Backoff::Blocked { until, .. } if until > now => Some(until),
+        Backoff::Blocked { until, .. } => Some(until),
         _ => None,
     };
     if desired > have && blocked_until.is_none() {
@@ -227,6 +231,7 @@ async fn apply(
         match cloud.launch(target, &launch).await {
             Ok(n) => {
                 launched = n;
+                backoff_after = Some(None);
                 tracing::info!(pool = %name, launched = n, have, desired, "scaler: launched instances");
                 capacity = Some(before.make(
                     &pool,
@@ -241,7 +246,9 @@ async fn apply(
             }
             Err(e) if e.blocks_growth() => {
                 let seconds = backoff.next_seconds(ctx.scaler.settings.backoff);
-                let message = Backoff::blocked_message(&e, seconds, now);
+                let record = Backoff::record(&pool, &e, seconds, now);
+                let message = Backoff::blocked_message(&e, &record);
+                backoff_after = Some(Some(record));
                 tracing::warn!(pool = %name, error = %e, seconds, "scaler: capacity error; pool growth blocked");
                 publish(
                     ctx,
@@ -264,8 +271,10 @@ async fn apply(
             }
             Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
         }
-    } else if blocked_until.is_none()
-        && let Backoff::Blocked { seconds, .. } = backoff
+    } else if let Backoff::Expired { seconds } = backoff
+        && before
+            .condition(condition::CAPACITY_AVAILABLE)
+            .is_some_and(|c| c.status == "False")
     {
         capacity = Some(before.make(
             &pool,
@@ -367,9 +376,12 @@ async fn apply(
         ctx,
         &pool,
         &before,
-        Some(desired),
-        Some(cloud_instances),
-        conditions,
+        Update {
+            desired: Some(desired),
+            instances: Some(cloud_instances),
+            backoff: backoff_after,
+            conditions,
+        },
     )
     .await?;
 
@@ -457,7 +469,7 @@ async fn unreachable_cloud(
         e.category(),
         e.to_string(),
     );
-    write_status(ctx, pool, before, None, None, vec![reachable]).await?;
+    write_status(ctx, pool, before, Update::conditions(vec![reachable])).await?;
     ctx.metrics.reconcile_failed(CONTROLLER, e.category());
     let wait = match e.kind {
         crate::cloud::ErrorKind::Throttled {
@@ -471,18 +483,38 @@ async fn unreachable_cloud(
 /// Server-side applies the scaler's status fields, only when they differ from what
 /// it wrote last. An apply claims exactly what it sends, so the fields and
 /// conditions not set this time are sent as they were.
+/// What one pass changes in the scaler's part of the status; `None`s keep what was
+/// written.
+struct Update {
+    desired: Option<u32>,
+    instances: Option<u32>,
+    /// `Some(None)` clears the backoff.
+    backoff: Option<Option<CapacityBackoff>>,
+    conditions: Vec<Condition>,
+}
+
+impl Update {
+    fn conditions(conditions: Vec<Condition>) -> Update {
+        Update {
+            desired: None,
+            instances: None,
+            backoff: None,
+            conditions,
+        }
+    }
+}
+
 async fn write_status(
     ctx: &Context,
     pool: &GpuNodePool,
     before: &Written,
-    desired: Option<u32>,
-    instances: Option<u32>,
-    conditions: Vec<Condition>,
+    update: Update,
 ) -> Result<(), Error> {
     let mut after = Written {
-        desired: desired.or(before.desired),
-        instances: instances.or(before.instances),
-        conditions,
+        desired: update.desired.or(before.desired),
+        instances: update.instances.or(before.instances),
+        backoff: update.backoff.unwrap_or_else(|| before.backoff.clone()),
+        conditions: update.conditions,
     };
     for c in &before.conditions {
         if !after.conditions.iter().any(|n| n.type_ == c.type_) {
@@ -499,6 +531,7 @@ async fn write_status(
         "status": {
             "desiredNodes": after.desired,
             "cloudInstances": after.instances,
+            "capacityBackoff": after.backoff,
             "conditions": after.conditions,
         },
     });

@@ -80,7 +80,7 @@ fn gpus_of_other_workloads_are_not_free() {
 }
 
 #[test]
-fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
+fn backoff_is_a_typed_record_that_blocks_until_its_end_and_doubles_to_the_cap() {
     let now: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
     let error = CloudError::new(
         ErrorKind::InsufficientCapacity,
@@ -90,15 +90,14 @@ fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
     );
     let seconds = Backoff::Clear.next_seconds(BACKOFF_FIRST);
     assert_eq!(seconds, 180);
-    let blocked = Condition {
-        type_: "CapacityAvailable".into(),
-        status: "False".into(),
-        reason: "InsufficientCapacity".into(),
-        message: Backoff::blocked_message(&error, seconds, now),
-        observed_generation: None,
-        last_transition_time: Time(now),
-    };
-    let backoff = Backoff::of(Some(&blocked));
+    let record = Backoff::record(&pool(8), &error, seconds, now);
+    assert_eq!(record.until, Time(now + SignedDuration::from_secs(180)));
+    assert_eq!(
+        (record.reason.as_str(), record.code.as_str()),
+        ("InsufficientCapacity", "InsufficientInstanceCapacity")
+    );
+    assert_eq!(record.offering.instance_type, "p5.48xlarge");
+    let backoff = Backoff::of(Some(&record), now);
     assert_eq!(
         backoff,
         Backoff::Blocked {
@@ -106,28 +105,22 @@ fn backoff_round_trips_through_the_condition_and_doubles_to_the_cap() {
             seconds: 180
         }
     );
-    assert!(
-        blocked.message.contains("2030-01-01T00:03:00Z"),
-        "{}",
-        blocked.message
-    );
+    let message = Backoff::blocked_message(&error, &record);
+    assert!(message.contains("2030-01-01T00:03:00Z"), "{message}");
     assert_eq!(backoff.next_seconds(BACKOFF_FIRST), 360);
-    let expired = Condition {
-        status: "True".into(),
-        reason: REASON_BACKOFF_EXPIRED.into(),
-        message: Backoff::expired_message(1440),
-        ..blocked
-    };
+    // At its end the record stays: expired, and the next error doubles it.
+    let later = Backoff::record(&pool(8), &error, 1440, now);
+    let after = now + SignedDuration::from_secs(1440);
     assert_eq!(
-        Backoff::of(Some(&expired)),
+        Backoff::of(Some(&later), after),
         Backoff::Expired { seconds: 1440 }
     );
     assert_eq!(
-        Backoff::of(Some(&expired)).next_seconds(BACKOFF_FIRST),
+        Backoff::of(Some(&later), after).next_seconds(BACKOFF_FIRST),
         1800,
         "capped"
     );
-    assert_eq!(Backoff::of(None), Backoff::Clear);
+    assert_eq!(Backoff::of(None, now), Backoff::Clear);
 }
 
 fn seat(name: &str, empty: bool, since: Option<i64>, cordoned: bool) -> NodeSeat {
