@@ -13,6 +13,7 @@ mod inputs;
 mod inventory;
 mod labels;
 mod leader;
+mod observed;
 mod plan;
 mod run;
 mod scaling;

@@ -28,7 +28,7 @@ use crate::cloud::{CloudProvider, Clouds, aws, azure};
 use crate::controller::{Context, Stores, model_deployment, pool, scaler};
 use crate::leader::Elector;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
-use crate::{inventory, labels};
+use crate::{inventory, labels, observed};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -279,7 +279,8 @@ enum Notify<K> {
 }
 
 /// A reflector whose store the controllers read, kept current by its own task.
-fn mirror<K>(api: Api<K>, config: watcher::Config, notify: Notify<K>) -> Store<K>
+/// `keep` drops what no controller reads before an object is stored (`observed`).
+fn mirror<K>(api: Api<K>, config: watcher::Config, keep: fn(&mut K), notify: Notify<K>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -290,7 +291,7 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
+    let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
     tokio::spawn(async move {
         let mut seen: HashMap<String, u64> = HashMap::new();
         let mut stream = std::pin::pin!(stream);
@@ -465,31 +466,37 @@ async fn run_controllers(
         pools: mirror(
             Api::all(client.clone()),
             watcher::Config::default(),
+            observed::pool,
             Notify::Fingerprint(changed.clone(), pool_fingerprint),
         ),
         nodes: mirror(
             Api::all(client.clone()),
             watcher::Config::default(),
+            observed::node,
             Notify::Fingerprint(changed.clone(), node_fingerprint),
         ),
         pods: mirror(
             Api::all(client.clone()),
             watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
+            observed::pod,
             Notify::Fingerprint(usage.clone(), pod_fingerprint),
         ),
         deployments: mirror(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels(&managed),
+            observed::deployment,
             Notify::Owner(children_changed),
         ),
         services: mirror(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&managed),
+            observed::child,
             Notify::Nobody,
         ),
         budgets: mirror(
             Api::<PodDisruptionBudget>::all(client.clone()),
             watcher::Config::default().labels(&managed),
+            observed::child,
             Notify::Nobody,
         ),
         lost_clock: Arc::default(),
