@@ -6,7 +6,7 @@ export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
-.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench build cluster-up cluster-down peers-up peers-down
+.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench bench-operator build cluster-up cluster-down peers-up peers-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
 ## fresh local cluster (built on first use; see docs/local-cluster.md)
@@ -58,6 +58,11 @@ demo: tools
 ## demo-down: stop the demo's operator and cluster
 demo-down:
 	hack/demo down
+
+## bench-operator: the operator on a fresh local cluster, release build: time to
+## all Ready, reconcile latency, writes, peak RSS per stored object (hack/bench-operator)
+bench-operator: tools
+	hack/bench-operator
 
 ## bench: the solver benchmarks, one solve and a fleet-wide re-plan (figures go in
 ## docs/benchmarks.md)

@@ -1,9 +1,12 @@
-//! Operator benchmark on the local cluster (not a test): 200 ModelDeployments over
-//! 50 pools and 500 kwok nodes. Prints the time from apply to all Ready, reconcile
-//! latency p50/p99, the operator's peak RSS and API writes per reconcile.
+//! Operator benchmark on the local cluster (not a test): by default 200
+//! ModelDeployments over 50 pools and 500 kwok nodes (`OUTRIGGER_BENCH_DEPLOYMENTS`,
+//! `OUTRIGGER_BENCH_POOLS`, `OUTRIGGER_BENCH_NODES_PER_POOL` change that). Prints
+//! the time from apply to all Ready, reconcile latency p50/p99, API writes per
+//! reconcile and in a quiet window after convergence, and the operator's peak RSS,
+//! also per object it keeps in its stores.
 //!
-//! Run with a cluster up: `eval "$(hack/cluster env)"; cargo run --release -p
-//! outrigger-tests --bin operator-bench` (or `make bench-operator`).
+//! `make bench-operator` builds the operator and this binary in release and runs it
+//! on a fresh local cluster (`hack/bench-operator`).
 
 use std::time::{Duration, Instant};
 
@@ -12,9 +15,19 @@ use outrigger_crds::ModelDeployment;
 use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace, wait_for};
 use serde_json::json;
 
+/// The default size: 50 pools of 10 nodes, 200 ModelDeployments of 3 replicas.
 const POOLS: usize = 50;
 const NODES_PER_POOL: u32 = 10;
 const DEPLOYMENTS: usize = 200;
+/// How long the converged operator is watched for writes (steady state: none).
+const QUIET: Duration = Duration::from_secs(30);
+
+fn size(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Quantile `q` from a Prometheus histogram's cumulative buckets, interpolated
 /// linearly inside the bucket it falls in.
@@ -67,6 +80,49 @@ async fn histogram(operator: &Operator, name: &str, controller: &str) -> Vec<(f6
     buckets
 }
 
+/// What the operator's stores hold: every pool, node and running pod, and its
+/// children (Deployments, Services, PodDisruptionBudgets).
+async fn stored_objects(client: &kube::Client) -> usize {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Node, Pod, Service};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::ListParams;
+    let managed = ListParams::default().labels("app.kubernetes.io/managed-by=outrigger");
+    let all = ListParams::default();
+    let count = |n: Result<usize, kube::Error>| n.unwrap_or(0);
+    count(
+        Api::<outrigger_crds::GpuNodePool>::all(client.clone())
+            .list(&all)
+            .await
+            .map(|l| l.items.len()),
+    ) + count(
+        Api::<Node>::all(client.clone())
+            .list(&all)
+            .await
+            .map(|l| l.items.len()),
+    ) + count(
+        Api::<Pod>::all(client.clone())
+            .list(&all)
+            .await
+            .map(|l| l.items.len()),
+    ) + count(
+        Api::<Deployment>::all(client.clone())
+            .list(&managed)
+            .await
+            .map(|l| l.items.len()),
+    ) + count(
+        Api::<Service>::all(client.clone())
+            .list(&managed)
+            .await
+            .map(|l| l.items.len()),
+    ) + count(
+        Api::<PodDisruptionBudget>::all(client.clone())
+            .list(&managed)
+            .await
+            .map(|l| l.items.len()),
+    )
+}
+
 fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
@@ -81,9 +137,16 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 #[tokio::main]
 async fn main() {
+    let pools = size("OUTRIGGER_BENCH_POOLS", POOLS);
+    let nodes_per_pool = u32::try_from(size(
+        "OUTRIGGER_BENCH_NODES_PER_POOL",
+        NODES_PER_POOL as usize,
+    ))
+    .unwrap_or(NODES_PER_POOL);
+    let deployments = size("OUTRIGGER_BENCH_DEPLOYMENTS", DEPLOYMENTS);
     let client = e2e::client().await;
     let tag = e2e::suffix();
-    let names: Vec<(String, String, String, String)> = (0..POOLS)
+    let names: Vec<(String, String, String, String)> = (0..pools)
         .map(|i| {
             let (provider, region) = if i % 2 == 0 {
                 ("aws", format!("us-bench{tag}-{}", i % 5))
@@ -111,7 +174,7 @@ async fn main() {
             provider,
             region,
             zone,
-            nodes: NODES_PER_POOL,
+            nodes: nodes_per_pool,
             gpus_per_node: 8,
             price: 30.0 + (i * 7 % 40) as f64,
         })
@@ -119,7 +182,7 @@ async fn main() {
     let started = Instant::now();
     let fleet = Fleet::new(&client, &specs).await;
     println!(
-        "fleet: {POOLS} pools, {} kwok nodes Ready in {:.1} s",
+        "fleet: {pools} pools, {} kwok nodes Ready in {:.1} s",
         fleet.nodes.len(),
         started.elapsed().as_secs_f64()
     );
@@ -131,7 +194,7 @@ async fn main() {
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let regions = fleet.regions();
     let applied = Instant::now();
-    for i in 0..DEPLOYMENTS {
+    for i in 0..deployments {
         let md: ModelDeployment = serde_json::from_value(json!({
             "apiVersion": "outrigger.dev/v1alpha1", "kind": "ModelDeployment",
             "metadata": {"name": format!("model-{i:03}")},
@@ -149,7 +212,7 @@ async fn main() {
     let created = applied.elapsed();
     let ready_after = wait_for(
         "all ModelDeployments Ready",
-        Duration::from_secs(600),
+        Duration::from_secs(1800),
         || async {
             let list = api.list(&Default::default()).await.ok()?;
             let ready = list
@@ -163,7 +226,7 @@ async fn main() {
                     })
                 })
                 .count();
-            (ready == DEPLOYMENTS).then(|| applied.elapsed())
+            (ready == deployments).then(|| applied.elapsed())
         },
     )
     .await;
@@ -184,9 +247,18 @@ async fn main() {
         &format!("outrigger/{} bench", env!("CARGO_PKG_VERSION")),
     )
     .len();
+    // Converged: a quiet window in which nothing changes, so nothing is written.
+    let quiet_from = e2e::audit_log_len();
+    tokio::time::sleep(QUIET).await;
+    let quiet_writes = e2e::writes_since(
+        quiet_from,
+        &format!("outrigger/{} bench", env!("CARGO_PKG_VERSION")),
+    )
+    .len();
     let rss = operator.pid().and_then(peak_rss_mib);
+    let stored = stored_objects(&client).await;
     println!(
-        "apply: {DEPLOYMENTS} ModelDeployments created in {:.1} s",
+        "apply: {deployments} ModelDeployments created in {:.1} s",
         created.as_secs_f64()
     );
     println!(
@@ -202,8 +274,12 @@ async fn main() {
         "API writes: {writes} counted by the operator, {audited} in the audit log; {:.2} per reconcile",
         writes / reconciles.max(1.0)
     );
+    println!("steady state: {quiet_writes} API writes in the {QUIET:?} after convergence");
     match rss {
-        Some(mib) => println!("operator peak RSS: {mib:.1} MiB (goal: 64 MiB)"),
+        Some(mib) => println!(
+            "operator peak RSS: {mib:.1} MiB (goal: 48 MiB), {stored} objects in its stores: {:.1} KiB per object",
+            mib * 1024.0 / stored.max(1) as f64
+        ),
         None => println!("operator peak RSS: unknown"),
     }
     operator.stop().await;
