@@ -2,8 +2,9 @@
 //! fresh namespace per test, GPU pools with kwok nodes, the operator as a child
 //! process, and waiting on conditions with deadlines.
 //!
-//! The tests run only with `OUTRIGGER_E2E=1` (as `make test` sets after starting the
-//! cluster); without it they say so and pass, so `cargo test` works anywhere.
+//! The tests are `#[ignore]`d in a plain `cargo test`; `hack/e2e` (in `make test`)
+//! starts the cluster and runs them with `-- --ignored` and `OUTRIGGER_E2E=1`.
+//! Without `OUTRIGGER_E2E=1` they say so and pass.
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -140,7 +140,7 @@ pub fn e2e_requested(test: &str) -> bool {
         // Straight to stderr: the test harness captures eprintln! of passing tests.
         let _ = writeln!(
             std::io::stderr(),
-            "skipping {test}: it needs the local cluster. Run `hack/cluster up` and `eval \"$(hack/cluster env)\"`, then `OUTRIGGER_E2E=1 cargo test -p outrigger-tests` (or `make test`)."
+            "skipping {test}: it needs the local cluster. Run `hack/cluster up` and `eval \"$(hack/cluster env)\"`, then `OUTRIGGER_E2E=1 cargo test -p outrigger-tests --test <name> -- --ignored` (or `make e2e`)."
         );
     }
     on

@@ -294,6 +294,7 @@ impl Scene {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
     if !e2e::enabled("cloud scaling") {
         return;
@@ -456,6 +457,7 @@ impl Moments {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn operator_killed_during_scaling_leaves_no_duplicate_orphan_or_lost_replica() {
     if !e2e::enabled("cloud chaos") {
         return;

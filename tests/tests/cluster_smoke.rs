@@ -82,6 +82,7 @@ impl Run {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn simulated_clouds_make_nodes_that_fail_and_recover() {
     if !e2e_requested("simulated_clouds_make_nodes_that_fail_and_recover") {
         return;

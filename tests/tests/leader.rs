@@ -9,6 +9,7 @@ use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace, wait_
 use serde_json::json;
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn one_leader_acts_and_a_standby_takes_over() {
     if !e2e::enabled("one_leader_acts_and_a_standby_takes_over") {
         return;

@@ -134,6 +134,7 @@ async fn condition(
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn places_over_both_providers_within_the_share_cap() {
     if !e2e::enabled("places_over_both_providers_within_the_share_cap") {
         return;
@@ -199,6 +200,7 @@ async fn places_over_both_providers_within_the_share_cap() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn follows_scaling_rule_and_image_changes() {
     if !e2e::enabled("follows_scaling_rule_and_image_changes") {
         return;
@@ -287,6 +289,7 @@ async fn follows_scaling_rule_and_image_changes() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn refuses_bad_specs_and_explains_unmet_rules() {
     if !e2e::enabled("refuses_bad_specs_and_explains_unmet_rules") {
         return;
@@ -342,6 +345,7 @@ async fn refuses_bad_specs_and_explains_unmet_rules() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn reports_what_the_api_server_accepts_but_cannot_work() {
     if !e2e::enabled("reports_what_the_api_server_accepts_but_cannot_work") {
         return;
@@ -492,6 +496,7 @@ async fn reports_what_the_api_server_accepts_but_cannot_work() {
 const OWN_CLOCK: Duration = Duration::from_secs(30);
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn fails_over_when_lost_nodes_report_no_condition_times() {
     if !e2e::enabled("fails_over_when_lost_nodes_report_no_condition_times") {
         return;
@@ -533,6 +538,7 @@ async fn fails_over_when_lost_nodes_report_no_condition_times() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn fails_over_in_seconds_and_returns_after_rebalance() {
     if !e2e::enabled("fails_over_in_seconds_and_returns_after_rebalance") {
         return;
@@ -620,6 +626,7 @@ async fn fails_over_in_seconds_and_returns_after_rebalance() {
 }
 
 #[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
 async fn deleting_a_model_deployment_leaves_nothing_and_steady_state_writes_nothing() {
     if !e2e::enabled("deleting_a_model_deployment_leaves_nothing_and_steady_state_writes_nothing") {
         return;

@@ -30,6 +30,19 @@ const RECHECK: Duration = Duration::from_secs(60);
 /// The field manager for the condition that reports an invalid spec or a refused child.
 const VALIDATION_MANAGER: &str = "outrigger-validation";
 
+/// The metadata of a watched ModelDeployment, valid or not.
+fn meta_of(guard: &DeserializeGuard<ModelDeployment>) -> &ObjectMeta {
+    match &guard.0 {
+        Ok(md) => &md.metadata,
+        Err(invalid) => &invalid.metadata,
+    }
+}
+
+#[tracing::instrument(name = "reconcile", skip_all, fields(
+    controller = CONTROLLER,
+    namespace = meta_of(&guard).namespace.as_deref().unwrap_or_default(),
+    object = meta_of(&guard).name.as_deref().unwrap_or_default(),
+))]
 pub async fn reconcile(
     guard: Arc<DeserializeGuard<ModelDeployment>>,
     ctx: Arc<Context>,
@@ -44,8 +57,13 @@ pub async fn reconcile(
     }
 }
 
+#[tracing::instrument(name = "error_policy", skip_all, fields(
+    controller = CONTROLLER,
+    namespace = meta_of(&guard).namespace.as_deref().unwrap_or_default(),
+    object = meta_of(&guard).name.as_deref().unwrap_or_default(),
+))]
 pub fn error_policy(
-    _: Arc<DeserializeGuard<ModelDeployment>>,
+    guard: Arc<DeserializeGuard<ModelDeployment>>,
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {

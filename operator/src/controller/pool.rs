@@ -22,6 +22,7 @@ const FIELD_MANAGER: &str = "outrigger-inventory";
 /// Look again this often with no trigger.
 const RECHECK: Duration = Duration::from_secs(300);
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(CONTROLLER);
     let inventory = ctx.stores.inventory();
@@ -130,7 +131,8 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
     Ok(Action::requeue(RECHECK))
 }
 
-pub fn error_policy(_: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
+#[tracing::instrument(name = "error_policy", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
+pub fn error_policy(pool: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(CONTROLLER, error.category());
     tracing::warn!(%error, "pool status update failed; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))

@@ -130,6 +130,7 @@ pub struct Scaler {
     pub memory: Mutex<Memory>,
 }
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(CONTROLLER);
     let api: Api<GpuNodePool> = Api::all(ctx.client.clone());
@@ -589,7 +590,8 @@ async fn publish(ctx: &Context, pool: &GpuNodePool, type_: EventType, reason: &s
         .await;
 }
 
-pub fn error_policy(_: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
+#[tracing::instrument(name = "error_policy", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
+pub fn error_policy(pool: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_failed(CONTROLLER, error.category());
     tracing::warn!(%error, "scaler reconcile failed; retrying in 3 s");
     Action::requeue(Duration::from_secs(3))
