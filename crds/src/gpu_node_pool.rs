@@ -271,7 +271,7 @@ pub struct CapacityBackoff {
     /// The pool does not grow before this time.
     pub until: Time,
     /// Length of this backoff in seconds (it doubles while errors repeat).
-    pub seconds: u64,
+    pub seconds: u32,
     /// The kind of error: `InsufficientCapacity` or `QuotaExceeded`.
     pub reason: String,
     /// The cloud's own error code, e.g. `InsufficientInstanceCapacity`.

@@ -55,17 +55,21 @@ fn adapt(schema: &mut Map<String, Value>) {
 /// Say the same thing with `minimum`/`maximum` instead.
 fn rewrite_format(schema: &mut Map<String, Value>) {
     let max = match schema.get("format").and_then(Value::as_str) {
-        Some("uint8") => Some(u64::from(u8::MAX)),
-        Some("uint16") => Some(u64::from(u16::MAX)),
-        Some("uint32") => Some(u64::from(u32::MAX)),
-        // The API server reads integers as int64.
-        Some("uint64" | "uint") => Some(i64::MAX as u64),
+        Some("uint8") => Some(Some(u64::from(u8::MAX))),
+        Some("uint16") => Some(Some(u64::from(u16::MAX))),
+        Some("uint32") => Some(Some(u64::from(u32::MAX))),
+        // The API server reads integers as int64 already. A maximum of i64::MAX
+        // would reach it as a float (the CRD type holds bounds as f64), and it then
+        // refuses every value with "Maximum boundary value must be of type integer".
+        Some("uint64" | "uint") => Some(None),
         _ => None,
     };
     if let Some(max) = max {
         schema.remove("format");
         schema.entry("minimum").or_insert(Value::from(0));
-        schema.entry("maximum").or_insert(Value::from(max));
+        if let Some(max) = max {
+            schema.entry("maximum").or_insert(Value::from(max));
+        }
     }
 }
 

@@ -42,9 +42,11 @@ impl Backoff {
             None => Backoff::Clear,
             Some(b) if b.until.0 > now => Backoff::Blocked {
                 until: b.until.0,
-                seconds: b.seconds,
+                seconds: u64::from(b.seconds),
             },
-            Some(b) => Backoff::Expired { seconds: b.seconds },
+            Some(b) => Backoff::Expired {
+                seconds: u64::from(b.seconds),
+            },
         }
     }
 
@@ -66,10 +68,10 @@ impl Backoff {
         seconds: u64,
         since: Timestamp,
     ) -> CapacityBackoff {
+        // A backoff is at most ten times --capacity-backoff-seconds: a u32 holds it.
+        let seconds = u32::try_from(seconds).unwrap_or(u32::MAX);
         CapacityBackoff {
-            until: Time(
-                since + SignedDuration::from_secs(i64::try_from(seconds).unwrap_or(i64::MAX)),
-            ),
+            until: Time(since + SignedDuration::from_secs(i64::from(seconds))),
             seconds,
             reason: error.category().to_string(),
             code: error.code.clone(),
