@@ -134,6 +134,7 @@ async fn two_clusters_share_the_clouds_and_can_be_lost_and_cut_apart() {
 async fn steps(run: &Run) {
     an_operator_without_crds_says_how_to_install_them(run).await;
     machines_become_nodes_of_their_own_cluster_and_run_gpu_pods(run).await;
+    an_outage_takes_a_providers_nodes_down_in_whichever_cluster(run).await;
     a_cluster_taken_down_comes_back_with_its_data(run).await;
     for mode in ["refuse", "blackhole"] {
         a_partition_cuts_the_peer_link_only(run, mode).await;
@@ -288,6 +289,48 @@ async fn run_gpu_pod(kube: &Client, namespace: &str, pool: &str, node: &str) {
         let spec_node = p.spec.as_ref()?.node_name.as_deref()?;
         let phase = p.status.as_ref()?.phase.as_deref()?;
         (spec_node == node && phase == "Running").then_some(())
+    })
+    .await;
+}
+
+/// The Ready condition of the pool's only Node, in `kube`.
+async fn ready_of(kube: &Client, pool: &str) -> Option<String> {
+    let node = nodes_of(kube, pool).await.into_iter().next()?;
+    node.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status)
+}
+
+async fn an_outage_takes_a_providers_nodes_down_in_whichever_cluster(run: &Run) {
+    run.sim
+        .control
+        .outage(json!({"provider": "azure", "region": "eastus"}))
+        .await;
+    let pool = run.pool("azure");
+    eventually(
+        "the azure Node NotReady in cluster azure",
+        DEADLINE,
+        || async {
+            ready_of(&run.azure, &pool)
+                .await
+                .filter(|s| s != "True")
+                .map(|_| ())
+        },
+    )
+    .await;
+    assert_eq!(
+        ready_of(&run.aws, &run.pool("aws")).await.as_deref(),
+        Some("True"),
+        "an azure outage leaves the aws cluster's Nodes alone"
+    );
+    run.sim.control.recover("azure").await;
+    eventually("the azure Node Ready again", DEADLINE, || async {
+        ready_of(&run.azure, &pool)
+            .await
+            .filter(|s| s == "True")
+            .map(|_| ())
     })
     .await;
 }
