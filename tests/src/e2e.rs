@@ -75,6 +75,37 @@ impl SimClouds {
     }
 }
 
+/// Clean-up after a test: terminates the EC2 instances tagged `outrigger.dev/pool=pool`.
+/// Failures are ignored; a test's clean-up must not hide its own outcome.
+pub async fn terminate_pool_instances(ec2: &aws_sdk_ec2::Client, pool: &str) {
+    let Ok(found) = ec2
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name(format!("tag:{}", outrigger_crds::POOL_LABEL))
+                .values(pool)
+                .build(),
+        )
+        .send()
+        .await
+    else {
+        return;
+    };
+    let ids: Vec<String> = found
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(String::from))
+        .collect();
+    if !ids.is_empty() {
+        let _ = ec2
+            .terminate_instances()
+            .set_instance_ids(Some(ids))
+            .send()
+            .await;
+    }
+}
+
 /// A short random suffix for names, so tests never collide.
 pub fn suffix() -> String {
     let nanos = std::time::SystemTime::now()

@@ -521,33 +521,7 @@ async fn clean_up(run: &Run) {
         .send()
         .await;
     // Instances of the run's pool that are still up.
-    if let Ok(found) = run
-        .ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:outrigger.dev/pool")
-                .values(run.aws_pool())
-                .build(),
-        )
-        .send()
-        .await
-    {
-        let ids: Vec<String> = found
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id().map(String::from))
-            .collect();
-        if !ids.is_empty() {
-            let _ = run
-                .ec2
-                .terminate_instances()
-                .set_instance_ids(Some(ids))
-                .send()
-                .await;
-        }
-    }
+    outrigger_tests::e2e::terminate_pool_instances(&run.ec2, &run.aws_pool()).await;
     let pools: Api<GpuNodePool> = Api::all(run.kube.clone());
     let _ = pools
         .delete(&run.aws_pool(), &DeleteParams::default())

@@ -462,34 +462,7 @@ async fn clean_up(run: &Run) {
             .args(["fault", "up", "aws"])
             .output();
     }
-    let pool = run.pool("aws");
-    if let Ok(found) = run
-        .ec2
-        .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name(format!("tag:{POOL_LABEL}"))
-                .values(&pool)
-                .build(),
-        )
-        .send()
-        .await
-    {
-        let ids: Vec<String> = found
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id().map(String::from))
-            .collect();
-        if !ids.is_empty() {
-            let _ = run
-                .ec2
-                .terminate_instances()
-                .set_instance_ids(Some(ids))
-                .send()
-                .await;
-        }
-    }
+    outrigger_tests::e2e::terminate_pool_instances(&run.ec2, &run.pool("aws")).await;
     // Not Control::delete_scale_set, which panics when the scale set is already gone.
     let _ = reqwest::Client::new()
         .delete(format!(
