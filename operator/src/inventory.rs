@@ -104,7 +104,13 @@ pub struct Inventory {
     pub pools: Vec<Arc<GpuNodePool>>,
     pub nodes: Vec<NodeFacts>,
     pub children: Vec<Child>,
-    pub now: Timestamp,
+    /// Per pool (by index), its nodes (indexes into `nodes`).
+    nodes_of: Vec<Vec<usize>>,
+    /// Per pool name, its children (indexes into `children`).
+    children_in: BTreeMap<String, Vec<usize>>,
+    /// Per ModelDeployment, its children (indexes into `children`).
+    children_by: BTreeMap<Key, Vec<usize>>,
+    by_pool_name: BTreeMap<String, usize>,
 }
 
 /// What the solver needs for one ModelDeployment, and when that view changes on its own.
@@ -334,23 +340,77 @@ impl Inventory {
                 })
             })
             .collect();
+        Inventory::from_facts(pools, facts, children)
+    }
+
+    /// An inventory of these facts, indexed by pool and by owner. `nodes[i].pool`
+    /// indexes into `pools`.
+    pub fn from_facts(
+        pools: Vec<Arc<GpuNodePool>>,
+        facts: Vec<NodeFacts>,
+        children: Vec<Child>,
+    ) -> Inventory {
+        let mut nodes_of = vec![Vec::new(); pools.len()];
+        for (i, n) in facts.iter().enumerate() {
+            if let Some(pool) = n.pool {
+                nodes_of[pool].push(i);
+            }
+        }
+        let mut children_in: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut children_by: BTreeMap<Key, Vec<usize>> = BTreeMap::new();
+        for (i, c) in children.iter().enumerate() {
+            children_in.entry(c.pool.clone()).or_default().push(i);
+            children_by.entry(c.owner.clone()).or_default().push(i);
+        }
+        let by_pool_name = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.metadata.name.clone().unwrap_or_default(), i))
+            .collect();
         Inventory {
             pools,
             nodes: facts,
             children,
-            now,
+            nodes_of,
+            children_in,
+            children_by,
+            by_pool_name,
         }
     }
 
     pub fn pool_index(&self, name: &str) -> Option<usize> {
-        self.pools
-            .iter()
-            .position(|p| p.metadata.name.as_deref() == Some(name))
+        self.by_pool_name.get(name).copied()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<GpuNodePool>> {
+        self.pool_index(name).map(|i| &self.pools[i])
+    }
+
+    /// The nodes of pool `pool` (an index).
+    pub fn nodes_in(&self, pool: usize) -> impl Iterator<Item = &NodeFacts> + '_ {
+        self.nodes_of
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.nodes[i])
+    }
+
+    /// The children placed on the pool named `pool`.
+    pub fn children_in<'a>(&'a self, pool: &str) -> impl Iterator<Item = &'a Child> + 'a {
+        self.children_in
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.children[i])
     }
 
     /// The children of one ModelDeployment.
-    pub fn children_of<'a>(&'a self, owner: &'a Key) -> impl Iterator<Item = &'a Child> + 'a {
-        self.children.iter().filter(move |c| &c.owner == owner)
+    pub fn children_of<'a>(&'a self, owner: &Key) -> impl Iterator<Item = &'a Child> + 'a {
+        self.children_by
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .map(|&i| &self.children[i])
     }
 
     /// Replicas per pool a ModelDeployment runs now.
@@ -364,7 +424,7 @@ impl Inventory {
     /// Node and GPU counts of one pool.
     pub fn counts(&self, pool: usize) -> PoolCounts {
         let mut counts = PoolCounts::default();
-        for n in self.nodes.iter().filter(|n| n.pool == Some(pool)) {
+        for n in self.nodes_in(pool) {
             counts.nodes += 1;
             counts.requested += n.used.iter().map(|(_, g)| g).sum::<u32>();
             match n.readiness {
@@ -385,9 +445,8 @@ impl Inventory {
         let mut latest: Option<Timestamp> = None;
         let mut any = false;
         for n in self
-            .nodes
-            .iter()
-            .filter(|n| n.pool == Some(pool) && n.readiness != Readiness::Booting)
+            .nodes_in(pool)
+            .filter(|n| n.readiness != Readiness::Booting)
         {
             any = true;
             let since = n.lost_since()?;
@@ -400,12 +459,12 @@ impl Inventory {
     /// ModelDeployments use is taken, nodes lost for less than `grace` still hold
     /// the owner's own replicas, and pools back from an outage take nothing new for
     /// `rebalance`.
-    pub fn view(&self, owner: &Key, grace: Duration, rebalance: Duration) -> View {
+    pub fn view(&self, owner: &Key, grace: Duration, rebalance: Duration, now: Timestamp) -> View {
         let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
         let rebalance = SignedDuration::try_from(rebalance).unwrap_or(SignedDuration::MAX);
         let mut next: Option<Timestamp> = None;
         let mut soonest = |t: Timestamp| {
-            if t > self.now {
+            if t > now {
                 next = Some(next.map_or(t, |n: Timestamp| n.min(t)));
             }
         };
@@ -423,14 +482,12 @@ impl Inventory {
                 (Some(at), _) => Some(at.0 + rebalance),
                 // Nodes are back but the pool status has not caught up yet: the
                 // recovery is happening now.
-                (None, true) if lost.is_none() => Some(self.now + rebalance),
+                (None, true) if lost.is_none() => Some(now + rebalance),
                 _ => None,
             }
-            .filter(|until| *until > self.now);
+            .filter(|until| *until > now);
             let state = match (lost, recovering_until) {
-                (Some(since), _) if since + grace <= self.now => {
-                    Health::Unhealthy { lost_since: since }
-                }
+                (Some(since), _) if since + grace <= now => Health::Unhealthy { lost_since: since },
                 (_, Some(until)) => Health::Recovering { until },
                 _ => Health::Healthy,
             };
@@ -443,9 +500,8 @@ impl Inventory {
             let mut nodes = Vec::new();
             // Booting nodes stay out: the solver sees them as room to grow.
             for n in self
-                .nodes
-                .iter()
-                .filter(|n| n.pool == Some(i) && n.readiness != Readiness::Booting)
+                .nodes_in(i)
+                .filter(|n| n.readiness != Readiness::Booting)
             {
                 let (own, others): (Vec<_>, Vec<_>) =
                     n.used.iter().partition(|(o, _)| o.as_ref() == Some(owner));
@@ -461,7 +517,7 @@ impl Inventory {
                         ready: true,
                         free_gpus: own.min(free),
                     },
-                    Some(since) if since + grace > self.now => {
+                    Some(since) if since + grace > now => {
                         soonest(since + grace);
                         placement::Node {
                             ready: true,
@@ -475,8 +531,8 @@ impl Inventory {
                 };
                 nodes.push(node);
             }
-            let growth_blocked = inputs::growth_blocked(status, self.now)
-                || matches!(state, Health::Recovering { .. });
+            let growth_blocked =
+                inputs::growth_blocked(status, now) || matches!(state, Health::Recovering { .. });
             // A backoff's end makes room: plan again then.
             if let Some(backoff) = status.and_then(|s| s.capacity_backoff.as_ref()) {
                 soonest(backoff.until.0);
@@ -489,11 +545,7 @@ impl Inventory {
             );
             // Replicas other ModelDeployments planned here but that are not bound
             // yet will take room too.
-            for child in self
-                .children
-                .iter()
-                .filter(|c| c.pool == name && &c.owner != owner)
-            {
+            for child in self.children_in(&name).filter(|c| &c.owner != owner) {
                 solver_pool.reserve(child.replicas.saturating_sub(child.scheduled), child.gpus);
             }
             pools.push(solver_pool);

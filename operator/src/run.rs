@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::channel::mpsc;
@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::cloud::metered::{self, Metered};
 use crate::cloud::{CloudProvider, Clouds, aws, azure};
+use crate::controller::apply::Applier;
 use crate::controller::{Context, Stores, model_deployment, pool, scaler};
 use crate::leader::Elector;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
@@ -123,14 +124,11 @@ impl CloudArgs {
         }
     }
 
-    fn scaler(&self) -> scaler::Scaler {
-        scaler::Scaler {
-            settings: scaler::Settings {
-                cooldown: Duration::from_secs(self.scale_down_after_seconds),
-                boot_grace: Duration::from_secs(self.instance_boot_grace_seconds),
-                backoff: Duration::from_secs(self.capacity_backoff_seconds),
-            },
-            memory: Default::default(),
+    fn scaler(&self) -> scaler::Settings {
+        scaler::Settings {
+            cooldown: Duration::from_secs(self.scale_down_after_seconds),
+            boot_grace: Duration::from_secs(self.instance_boot_grace_seconds),
+            backoff: Duration::from_secs(self.capacity_backoff_seconds),
         }
     }
 }
@@ -268,19 +266,34 @@ type MdRef = ObjectRef<DeserializeGuard<ModelDeployment>>;
 
 /// Whom a reflector tells about changes, once its store holds them (a trigger from
 /// a watch of its own could arrive before the store has the change, and a reconcile
-/// would then act on the old object with nothing to trigger it again).
+/// would then act on the old object with nothing to trigger it again). Every
+/// reflector the inventory reads also bumps the stores' generation.
 enum Notify<K> {
     Nobody,
     /// Poke everyone listening on the channel when an object's fingerprint (what
     /// placement sees of it) changes, or an object goes.
     Fingerprint(watch::Sender<u64>, fn(&K) -> u64),
+    /// Name the pools a node belongs to (before and after) when its fingerprint
+    /// changes, and poke the channel too.
+    Pools(
+        watch::Sender<u64>,
+        fn(&K) -> u64,
+        mpsc::UnboundedSender<String>,
+        Store<GpuNodePool>,
+    ),
     /// Hand every changed or deleted object's owning ModelDeployment to its controller.
     Owner(mpsc::UnboundedSender<MdRef>),
 }
 
 /// A reflector whose store the controllers read, kept current by its own task.
 /// `keep` drops what no controller reads before an object is stored (`observed`).
-fn mirror<K>(api: Api<K>, config: watcher::Config, keep: fn(&mut K), notify: Notify<K>) -> Store<K>
+fn mirror<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    keep: fn(&mut K),
+    notify: Notify<K>,
+    generation: Option<Arc<AtomicU64>>,
+) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -293,14 +306,20 @@ where
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
     tokio::spawn(async move {
-        let mut seen: HashMap<String, u64> = HashMap::new();
+        let mut seen: HashMap<String, (u64, Vec<String>)> = HashMap::new();
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
+            if event.is_ok()
+                && let Some(generation) = &generation
+            {
+                generation.fetch_add(1, Ordering::Release);
+            }
             let (obj, deleted) = match event {
                 Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => (obj, false),
                 Ok(watcher::Event::Delete(obj)) => (obj, true),
                 Ok(watcher::Event::InitDone) => {
-                    if let Notify::Fingerprint(sender, _) = &notify {
+                    if let Notify::Fingerprint(sender, _) | Notify::Pools(sender, _, _, _) = &notify
+                    {
                         sender.send_modify(|n| *n += 1);
                     }
                     continue;
@@ -320,11 +339,31 @@ where
                         true
                     } else {
                         let print = fingerprint(&obj);
-                        seen.insert(key, print) != Some(print)
+                        seen.insert(key, (print, Vec::new())).map(|s| s.0) != Some(print)
                     };
                     if changed {
                         sender.send_modify(|n| *n += 1);
                     }
+                }
+                Notify::Pools(sender, fingerprint, pools_changed, pools) => {
+                    let key = obj.meta().name.clone().unwrap_or_default();
+                    let before = if deleted {
+                        seen.remove(&key)
+                    } else {
+                        let now = (fingerprint(&obj), pools_of(obj.meta(), pools));
+                        match seen.insert(key, now.clone()) {
+                            Some(before) if before.0 == now.0 => continue,
+                            Some((_, mut before)) => {
+                                before.extend(now.1);
+                                Some((now.0, before))
+                            }
+                            None => Some(now),
+                        }
+                    };
+                    for pool in before.map(|b| b.1).unwrap_or_default() {
+                        let _ = pools_changed.unbounded_send(pool);
+                    }
+                    sender.send_modify(|n| *n += 1);
                 }
                 Notify::Owner(sender) => {
                     let meta = obj.meta();
@@ -339,6 +378,21 @@ where
         }
     });
     reader
+}
+
+/// The pools whose node selector an object's labels match.
+fn pools_of(meta: &kube::core::ObjectMeta, pools: &Store<GpuNodePool>) -> Vec<String> {
+    let labels_ = meta.labels.clone().unwrap_or_default();
+    pools
+        .state()
+        .iter()
+        .filter(|p| {
+            p.node_selector()
+                .iter()
+                .all(|(k, v)| labels_.get(k) == Some(v))
+        })
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
 }
 
 fn hash_of<T: Hash>(value: T) -> u64 {
@@ -384,6 +438,38 @@ fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
         serde_json::to_string(&pool.spec).unwrap_or_default(),
         conditions,
     ))
+}
+
+/// Turns the names of pools whose nodes changed into the ModelDeployments they
+/// concern: those the pool was eligible for when last planned, and those with
+/// replicas on it. A pool's own changes (spec, conditions) still trigger every
+/// ModelDeployment, and the plan cache skips the ones they do not change.
+async fn route(
+    mut pools: mpsc::UnboundedReceiver<String>,
+    to: mpsc::UnboundedSender<MdRef>,
+    ctx: Arc<model_deployment::Ctx>,
+) {
+    while let Some(first) = pools.next().await {
+        let mut names = std::collections::BTreeSet::from([first]);
+        // Whatever else is queued joins this round.
+        while let Ok(more) = pools.try_recv() {
+            names.insert(more);
+        }
+        let inventory = ctx.shared.stores.inventory(ctx.shared.now());
+        let mut keys = std::collections::BTreeSet::new();
+        {
+            let plans = ctx.plans.lock().await;
+            for name in &names {
+                keys.extend(plans.interested(name));
+                keys.extend(inventory.children_in(name).map(|c| c.owner.clone()));
+            }
+        }
+        for (ns, name) in keys {
+            if to.unbounded_send(MdRef::new(&name).within(&ns)).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// A stream that yields once per change of `rx`, coalescing bursts.
@@ -451,7 +537,7 @@ async fn run_controllers(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     identity: String,
-    (clouds, scaler): (Clouds, scaler::Scaler),
+    (clouds, scaler): (Clouds, scaler::Settings),
     stop: watch::Receiver<bool>,
 ) {
     wait_for_crds(&client).await;
@@ -462,45 +548,56 @@ async fn run_controllers(
     let (usage, _) = watch::channel(0u64);
     // Child Deployments trigger their ModelDeployment through their store.
     let (children_changed, owners) = mpsc::unbounded();
-    let stores = Stores {
-        pools: mirror(
-            Api::all(client.clone()),
-            watcher::Config::default(),
-            observed::pool,
-            Notify::Fingerprint(changed.clone(), pool_fingerprint),
-        ),
-        nodes: mirror(
+    // A node's change names its pools; the ModelDeployments those pools concern
+    // are triggered (see `route`).
+    let (pools_changed, pool_names) = mpsc::unbounded();
+    let generation = Arc::new(AtomicU64::new(0));
+    let pools_store = mirror(
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        observed::pool,
+        Notify::Fingerprint(changed.clone(), pool_fingerprint),
+        Some(generation.clone()),
+    );
+    let stores = Stores::new(
+        pools_store.clone(),
+        mirror(
             Api::all(client.clone()),
             watcher::Config::default(),
             observed::node,
-            Notify::Fingerprint(changed.clone(), node_fingerprint),
+            Notify::Pools(usage.clone(), node_fingerprint, pools_changed, pools_store),
+            Some(generation.clone()),
         ),
-        pods: mirror(
+        mirror(
             Api::all(client.clone()),
             watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed"),
             observed::pod,
             Notify::Fingerprint(usage.clone(), pod_fingerprint),
+            Some(generation.clone()),
         ),
-        deployments: mirror(
+        mirror(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels(&managed),
             observed::deployment,
             Notify::Owner(children_changed),
+            Some(generation.clone()),
         ),
-        services: mirror(
+        mirror(
             Api::<Service>::all(client.clone()),
             watcher::Config::default().labels(&managed),
             observed::child,
             Notify::Nobody,
+            None,
         ),
-        budgets: mirror(
+        mirror(
             Api::<PodDisruptionBudget>::all(client.clone()),
             watcher::Config::default().labels(&managed),
             observed::child,
             Notify::Nobody,
+            None,
         ),
-        lost_clock: Arc::default(),
-    };
+        generation,
+    );
     for (what, waited) in [
         (
             "GpuNodePools",
@@ -526,9 +623,9 @@ async fn run_controllers(
     ready.store(true, Ordering::Relaxed);
     tracing::info!("caches synced; controllers starting");
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
+    let shared = Arc::new(Context {
         stores,
+        applier: Applier::new(client.clone(), metrics.clone()),
         metrics,
         recorder: Recorder::new(
             client.clone(),
@@ -537,11 +634,12 @@ async fn run_controllers(
                 instance: Some(identity),
             },
         ),
-        failovers: Default::default(),
-        plans: Default::default(),
         clouds,
-        scaler,
+        clock: Arc::new(k8s_openapi::jiff::Timestamp::now),
     });
+    let md_ctx = Arc::new(model_deployment::Ctx::new(shared.clone()));
+    let (routed, node_triggers) = mpsc::unbounded();
+    tokio::spawn(route(pool_names, routed, md_ctx.clone()));
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -551,19 +649,20 @@ async fn run_controllers(
     let config = controller::Config::default()
         .concurrency(1)
         .debounce(DEBOUNCE);
-    let forget = ctx.clone();
+    let forget = md_ctx.clone();
     let deployments = Controller::new(
         Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
         watcher::Config::default(),
     )
     .reconcile_on(owners)
+    .reconcile_on(node_triggers)
     .reconcile_all_on(pokes(changed.subscribe()))
     .with_config(config.clone())
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(
         model_deployment::reconcile,
         model_deployment::error_policy,
-        ctx.clone(),
+        md_ctx,
     )
     .for_each(move |result| {
         let forget = forget.clone();
@@ -576,6 +675,7 @@ async fn run_controllers(
                     gone.name.clone(),
                 );
                 forget
+                    .shared
                     .metrics
                     .forget_deployment(&format!("{}/{}", key.0, key.1));
                 forget.plans.lock().await.forget(&key);
@@ -590,7 +690,7 @@ async fn run_controllers(
     .reconcile_all_on(pokes(usage.subscribe()))
     .with_config(config)
     .graceful_shutdown_on(stopped(stop.clone()))
-    .run(pool::reconcile, pool::error_policy, ctx.clone())
+    .run(pool::reconcile, pool::error_policy, shared.clone())
     .for_each(|_| futures::future::ready(()));
     // Pools scale independently, and one may wait minutes on an Azure operation.
     let scalers = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
@@ -598,7 +698,11 @@ async fn run_controllers(
         .reconcile_all_on(pokes(usage.subscribe()))
         .with_config(controller::Config::default().concurrency(8))
         .graceful_shutdown_on(stopped(stop))
-        .run(scaler::reconcile, scaler::error_policy, ctx)
+        .run(
+            scaler::reconcile,
+            scaler::error_policy,
+            Arc::new(scaler::Ctx::new(shared, scaler)),
+        )
         .for_each(|_| futures::future::ready(()));
     tokio::join!(deployments, pools, scalers);
 }

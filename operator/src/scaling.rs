@@ -110,16 +110,14 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
         .as_deref()
         .unwrap_or_default();
     let mut replicas: Vec<u32> = inventory
-        .children
-        .iter()
-        .filter(|c| c.pool == name && c.gpus > 0)
+        .children_in(name)
+        .filter(|c| c.gpus > 0)
         .flat_map(|c| std::iter::repeat_n(c.gpus, c.replicas as usize))
         .collect();
     replicas.sort_unstable_by(|a, b| b.cmp(a));
     let mut bins: Vec<(u32, bool)> = inventory
-        .nodes
-        .iter()
-        .filter(|n| n.pool == Some(pool) && n.readiness == Readiness::Ready)
+        .nodes_in(pool)
+        .filter(|n| n.readiness == Readiness::Ready)
         .map(|n| {
             let others: u32 = n
                 .used

@@ -138,8 +138,14 @@ impl<K: Ord + Clone> Fleet<K> {
         if eligibility_facts(before) != eligibility_facts(after) {
             return self.entries.keys().cloned().collect();
         }
+        self.interested(&before.name)
+    }
+
+    /// The deployments pool `pool` was eligible for when they were last planned:
+    /// those a change of its capacity can re-plan.
+    pub fn interested(&self, pool: &str) -> Vec<K> {
         self.eligible
-            .get(&before.name)
+            .get(pool)
             .map(|keys| keys.iter().cloned().collect())
             .unwrap_or_default()
     }

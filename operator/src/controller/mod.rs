@@ -1,26 +1,29 @@
-//! The controllers and what they share: the reflectors' stores, the client, metrics
-//! and the Event recorder.
+//! The controllers and what they share: the reflectors' stores, the applier, the
+//! clock, metrics and the Event recorder. Each controller keeps its own state in
+//! its own context (`model_deployment::Ctx`, `scaler::Ctx`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use outrigger_crds::GpuNodePool;
-use tokio::sync::Mutex;
 
 use crate::cloud::{CloudError, Clouds};
-use crate::inventory::{Inventory, Key, LostClock};
+use crate::inventory::{Inventory, LostClock};
 use crate::telemetry::Metrics;
 
+pub mod apply;
 pub mod model_deployment;
 pub mod pool;
 pub mod scaler;
+
+/// An inventory and the store generation it was built at.
+type Built = Option<(u64, Arc<Inventory>)>;
 
 /// Caches of everything the controllers read; they never list on a reconcile.
 #[derive(Clone)]
@@ -31,43 +34,83 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub budgets: Store<PodDisruptionBudget>,
+    /// Bumped on every change the inventory reads (pools, nodes, pods, child
+    /// Deployments), after the store holds it.
+    pub generation: Arc<AtomicU64>,
+    /// The inventory as of a generation, shared by every pass until the next change.
+    built: Arc<std::sync::Mutex<Built>>,
     /// When each lost node was first seen lost, across reconciles.
-    pub lost_clock: Arc<std::sync::Mutex<LostClock>>,
+    lost_clock: Arc<std::sync::Mutex<LostClock>>,
 }
 
 impl Stores {
-    pub fn inventory(&self) -> Inventory {
-        // A panic while the lock is held leaves plain data behind; carry on with it.
+    pub fn new(
+        pools: Store<GpuNodePool>,
+        nodes: Store<Node>,
+        pods: Store<Pod>,
+        deployments: Store<Deployment>,
+        services: Store<Service>,
+        budgets: Store<PodDisruptionBudget>,
+        generation: Arc<AtomicU64>,
+    ) -> Stores {
+        Stores {
+            pools,
+            nodes,
+            pods,
+            deployments,
+            services,
+            budgets,
+            generation,
+            built: Arc::default(),
+            lost_clock: Arc::default(),
+        }
+    }
+
+    /// The inventory: built from the stores once per change, and shared until the
+    /// next one. `now` starts the lost clock of nodes first seen lost in this build.
+    pub fn inventory(&self, now: Timestamp) -> Arc<Inventory> {
+        // Read before building: a change that lands during the build makes the
+        // next call build again.
+        let generation = self.generation.load(Ordering::Acquire);
+        // A panic while a lock is held leaves plain data behind; carry on with it.
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, inventory)) = built.as_ref()
+            && *at == generation
+        {
+            return inventory.clone();
+        }
         let mut clock = self.lost_clock.lock().unwrap_or_else(|e| e.into_inner());
-        Inventory::new(
+        let inventory = Arc::new(Inventory::new(
             self.pools.state(),
             &self.nodes.state(),
             &self.pods.state(),
             &self.deployments.state(),
-            Timestamp::now(),
+            now,
             &mut clock,
-        )
+        ));
+        *built = Some((generation, inventory.clone()));
+        inventory
     }
 }
 
+/// What time it is; tests set it.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
 pub struct Context {
-    pub client: Client,
     pub stores: Stores,
+    pub applier: apply::Applier,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// ModelDeployments moving off a lost pool, and since when its nodes were lost,
-    /// until every replacement is Ready.
-    pub failovers: Mutex<HashMap<Key, Timestamp>>,
-    /// Each ModelDeployment's last plan and a digest of its solver input: a pass
-    /// whose input is unchanged (say, only a pool it cannot use changed) does not
-    /// solve again.
-    pub plans: Mutex<outrigger_placement::Fleet<Key>>,
     /// The clouds scalable pools grow in.
     pub clouds: Clouds,
-    pub scaler: scaler::Scaler,
+    pub clock: Clock,
 }
 
 impl Context {
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
     /// Records an Event on `reference`; a failure to record is logged, never fatal.
     pub async fn publish(
         &self,
@@ -106,13 +149,13 @@ impl Context {
 pub enum Error {
     #[error("failed to apply {kind} {name}: {source}")]
     Apply {
-        kind: &'static str,
+        kind: String,
         name: String,
         source: kube::Error,
     },
     #[error("failed to delete {kind} {name}: {source}")]
     Delete {
-        kind: &'static str,
+        kind: String,
         name: String,
         source: kube::Error,
     },
@@ -137,21 +180,4 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
         }
     }
-}
-
-/// A server-side apply patch body without nulls: in an apply patch a null would
-/// claim the field and clear it.
-pub fn without_nulls(mut value: serde_json::Value) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(map) => {
-                map.retain(|_, v| !v.is_null());
-                map.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    strip(&mut value);
-    value
 }

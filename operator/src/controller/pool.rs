@@ -7,25 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::{Resource, ResourceExt};
 use outrigger_crds::{GpuNodePool, condition};
 
+use super::apply::manager;
 use super::{Context, Error};
 use crate::{labels, status};
 
 pub const CONTROLLER: &str = "gpunodepool";
-/// This controller's field manager: the cloud scaler owns other status fields.
-const FIELD_MANAGER: &str = "outrigger-inventory";
 /// Look again this often with no trigger.
 const RECHECK: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_timer(CONTROLLER);
-    let inventory = ctx.stores.inventory();
+    let now = ctx.now();
+    let inventory = ctx.stores.inventory(now);
     let name = pool.name_any();
     let Some(index) = inventory.pool_index(&name) else {
         return Ok(Action::await_change());
@@ -38,7 +36,6 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
         .unwrap_or_default();
     let prior = previous.iter().find(|c| c.type_ == condition::READY);
     let current = pool.status.as_ref();
-    let now = Timestamp::now();
     let lost = counts.nodes - counts.ready_nodes - counts.booting_nodes;
     // Typed facts first: placement (here and in peers) reads these, never the words.
     let lost_since = if lost > 0 && counts.ready_nodes == 0 {
@@ -104,30 +101,22 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
     if unchanged {
         return Ok(Action::requeue(RECHECK));
     }
-    let patch = serde_json::json!({
-        "apiVersion": GpuNodePool::api_version(&()),
-        "kind": GpuNodePool::kind(&()),
-        "status": {
-            "nodes": counts.nodes,
-            "readyNodes": counts.ready_nodes,
-            "gpus": {"allocatable": counts.allocatable, "requested": counts.requested},
-            "lostSince": lost_since,
-            "recoveredAt": recovered_at,
-            "conditions": [ready],
-        },
-    });
-    let api: Api<GpuNodePool> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(super::without_nulls(patch)),
-    )
-    .await
-    .map_err(|source| Error::Status {
-        name: name.clone(),
-        source,
-    })?;
-    ctx.metrics.wrote("gpunodepools/status", "apply");
+    // Owned by this controller's field manager: the scaler owns other status fields.
+    ctx.applier
+        .status::<GpuNodePool>(
+            None,
+            &name,
+            manager::INVENTORY,
+            serde_json::json!({
+                "nodes": counts.nodes,
+                "readyNodes": counts.ready_nodes,
+                "gpus": {"allocatable": counts.allocatable, "requested": counts.requested},
+                "lostSince": lost_since,
+                "recoveredAt": recovered_at,
+                "conditions": [ready],
+            }),
+        )
+        .await?;
     Ok(Action::requeue(RECHECK))
 }
 

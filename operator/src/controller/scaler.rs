@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
@@ -21,14 +21,14 @@ use kube::{Resource, ResourceExt};
 use outrigger_crds::{CapacityBackoff, GpuNodePool, condition};
 use tokio::sync::Mutex;
 
+use super::apply::manager;
 use super::{Context, Error};
 use crate::cloud::{CloudError, CloudProvider, Instance, Launch, Target};
+use crate::inventory::Inventory;
 use crate::scaling::{self, Backoff, NodeSeat};
 use crate::status;
 
 pub const CONTROLLER: &str = "scaler";
-/// Its own field manager: `outrigger-inventory` owns the node counts and `Ready`.
-const FIELD_MANAGER: &str = "outrigger-scaler";
 /// On every pool with `scaling`: its instances are released before it goes.
 pub const FINALIZER: &str = "outrigger.dev/cloud-instances";
 /// On a Node the scaler cordoned to return it; an admin's cordon is left alone.
@@ -60,6 +60,23 @@ pub struct Memory {
     written: HashMap<String, Written>,
 }
 
+/// The scaler's own state, beside what all controllers share.
+pub struct Ctx {
+    pub shared: Arc<Context>,
+    pub settings: Settings,
+    pub memory: Mutex<Memory>,
+}
+
+impl Ctx {
+    pub fn new(shared: Arc<Context>, settings: Settings) -> Ctx {
+        Ctx {
+            shared,
+            settings,
+            memory: Mutex::default(),
+        }
+    }
+}
+
 /// The status fields the scaler owns, as it last wrote them, or after a start as
 /// the pool's status has them. Decisions read this, not the store: a reconcile can
 /// run before the store holds the scaler's own last write, and must neither
@@ -74,8 +91,8 @@ pub struct Written {
 }
 
 impl Written {
-    async fn of(ctx: &Context, pool: &GpuNodePool) -> Written {
-        if let Some(w) = ctx.scaler.memory.lock().await.written.get(&uid_of(pool)) {
+    async fn of(ctx: &Ctx, pool: &GpuNodePool) -> Written {
+        if let Some(w) = ctx.memory.lock().await.written.get(&uid_of(pool)) {
             return w.clone();
         }
         let status = pool.status.clone().unwrap_or_default();
@@ -106,6 +123,7 @@ impl Written {
         ok: bool,
         reason: &str,
         message: String,
+        now: Timestamp,
     ) -> Condition {
         status::condition(
             &self.conditions,
@@ -114,7 +132,7 @@ impl Written {
             reason,
             message,
             pool.metadata.generation,
-            Timestamp::now(),
+            now,
         )
     }
 }
@@ -125,17 +143,12 @@ fn uid_of(pool: &GpuNodePool) -> String {
     pool.uid().unwrap_or_else(|| pool.name_any())
 }
 
-pub struct Scaler {
-    pub settings: Settings,
-    pub memory: Mutex<Memory>,
-}
-
 #[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
-pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_timer(CONTROLLER);
-    let api: Api<GpuNodePool> = Api::all(ctx.client.clone());
+pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let _timer = ctx.shared.metrics.reconcile_timer(CONTROLLER);
+    let api: Api<GpuNodePool> = Api::all(ctx.shared.applier.client().clone());
     let target = Target::of(&pool);
-    let cloud = ctx.clouds.get(pool.spec.provider).cloned();
+    let cloud = ctx.shared.clouds.get(pool.spec.provider).cloned();
     let (Some(target), Some(cloud)) = (target.clone(), cloud) else {
         if target.is_none() && pool.finalizers().iter().any(|f| f == FINALIZER) {
             // `scaling` was removed: Outrigger no longer owns instances here.
@@ -154,6 +167,7 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
                     "outrigger runs without {} credentials or endpoint; see docs/cloud.md",
                     pool.spec.provider
                 ),
+                ctx.shared.now(),
             );
             write_status(&ctx, &pool, &before, Update::conditions(vec![reachable])).await?;
         }
@@ -178,15 +192,243 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
     }
 }
 
+/// What one pass will do to a pool, decided before any of it is done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Steps {
+    /// Nodes the current plans need.
+    pub desired: u32,
+    /// Live instances now.
+    pub have: u32,
+    /// Instances to launch, unless a backoff blocks growth.
+    pub launch: Option<Launch>,
+    pub backoff: Backoff,
+    pub cordon: Vec<String>,
+    pub uncordon: Vec<String>,
+    /// Empty cordoned nodes' instances, then leaks.
+    pub terminate: Vec<String>,
+    pub leaked: usize,
+    /// Instances that are not Nodes yet.
+    pub booting: bool,
+    /// When something falls due with nothing else to trigger a pass: a backoff
+    /// ending, an empty node's cool-down passing.
+    pub due: Vec<Timestamp>,
+}
+
+/// Decides a pass over pool `index` of `inventory`, given the cloud's `instances`,
+/// what the scaler last wrote, and the time. Updates `memory`'s clocks (empty since,
+/// first seen), and nothing else: no I/O.
+#[allow(clippy::too_many_arguments)]
+pub fn decide(
+    pool: &GpuNodePool,
+    inventory: &Inventory,
+    index: usize,
+    nodes: &[Arc<Node>],
+    instances: &[Instance],
+    before: &Written,
+    memory: &mut Memory,
+    settings: &Settings,
+    now: Timestamp,
+) -> Steps {
+    let name = pool.name_any();
+    let live: Vec<&Instance> = instances.iter().filter(|i| i.live()).collect();
+    let have = u32::try_from(live.len()).unwrap_or(u32::MAX);
+    let desired = scaling::nodes_needed(inventory, index, pool.spec.nodes.min, pool.spec.nodes.max);
+    let backoff = Backoff::of(before.backoff.as_ref(), now);
+    let blocked = matches!(backoff, Backoff::Blocked { .. });
+    let launch = (desired > have && !blocked).then(|| {
+        let add = desired - have;
+        Launch {
+            have,
+            add,
+            token: scaling::launch_token(
+                pool.uid().as_deref().unwrap_or(&name),
+                instances,
+                have,
+                add,
+            ),
+        }
+    });
+
+    // Nodes of live instances only: a node whose instance is already going is
+    // neither kept nor returned again.
+    let node_instances: BTreeMap<String, String> = nodes
+        .iter()
+        .filter_map(|n| {
+            let provider_id = n.spec.as_ref()?.provider_id.as_deref()?;
+            let instance = scaling::instance_of(provider_id, instances).filter(|i| i.live())?;
+            Some((n.name_any(), instance.id.clone()))
+        })
+        .collect();
+    let facts: BTreeMap<&str, bool> = inventory
+        .nodes_in(index)
+        .map(|f| {
+            (
+                f.name.as_str(),
+                f.used.iter().all(|(owner, _)| owner.is_none()),
+            )
+        })
+        .collect();
+    let mut seats = Vec::new();
+    for n in nodes {
+        let node_name = n.name_any();
+        let empty = facts.get(node_name.as_str()).copied().unwrap_or(true);
+        let empty_since = if empty {
+            Some(*memory.empty_since.entry(node_name.clone()).or_insert(now))
+        } else {
+            memory.empty_since.remove(&node_name);
+            None
+        };
+        seats.push(NodeSeat {
+            cordoned: n.annotations().contains_key(SCALE_DOWN_ANNOTATION),
+            instance: node_instances.get(&node_name).cloned(),
+            name: node_name,
+            empty,
+            empty_since,
+        });
+    }
+    for i in &live {
+        memory.first_seen.entry(i.id.clone()).or_insert(now);
+    }
+    let first_seen: BTreeMap<String, Timestamp> = live
+        .iter()
+        .filter_map(|i| Some((i.id.clone(), *memory.first_seen.get(&i.id)?)))
+        .collect();
+    let leaks = scaling::leaked(
+        instances,
+        &node_instances,
+        &first_seen,
+        settings.boot_grace,
+        now,
+    );
+    let excess = have.saturating_sub(desired);
+    let down = scaling::scale_down(&seats, excess, settings.cooldown, now);
+    let mut due = Vec::new();
+    if let Backoff::Blocked { until, .. } = backoff {
+        due.push(until);
+    }
+    if excess > 0 {
+        let cooldown = SignedDuration::try_from(settings.cooldown).unwrap_or(SignedDuration::MAX);
+        due.extend(
+            seats
+                .iter()
+                .filter(|s| s.empty)
+                .filter_map(|s| s.empty_since)
+                .map(|since| since + cooldown),
+        );
+    }
+    let mut terminate = down.terminate;
+    terminate.extend(leaks.iter().cloned());
+    Steps {
+        desired,
+        have,
+        launch,
+        backoff,
+        cordon: down.cordon,
+        uncordon: down.uncordon,
+        terminate,
+        leaked: leaks.len(),
+        booting: live
+            .iter()
+            .any(|i| !node_instances.values().any(|id| id == &i.id)),
+        due,
+    }
+}
+
+/// What the launch's outcome means for the pool's status: the `CapacityAvailable`
+/// condition to write (if any), the backoff record (`None`: as it was; `Some(None)`:
+/// cleared), and a Warning Event for a capacity error.
+pub struct LaunchReport {
+    pub capacity: Option<Condition>,
+    pub backoff: Option<Option<CapacityBackoff>>,
+    pub warning: Option<(&'static str, String)>,
+}
+
+/// Pure: the report of a pass whose launch went as `outcome` says (`None`: no launch).
+pub fn report_launch(
+    pool: &GpuNodePool,
+    steps: &Steps,
+    outcome: Option<&Result<u32, CloudError>>,
+    before: &Written,
+    settings: &Settings,
+    now: Timestamp,
+) -> LaunchReport {
+    let available = |reason: &str, message: String| {
+        before.make(
+            pool,
+            condition::CAPACITY_AVAILABLE,
+            true,
+            reason,
+            message,
+            now,
+        )
+    };
+    match outcome {
+        Some(Ok(n)) => LaunchReport {
+            capacity: Some(available(
+                scaling::REASON_AVAILABLE,
+                format!(
+                    "the last launch succeeded ({n} instances of {})",
+                    pool.spec.instance_type
+                ),
+            )),
+            backoff: Some(None),
+            warning: None,
+        },
+        Some(Err(e)) => {
+            let seconds = steps.backoff.next_seconds(settings.backoff);
+            let record = Backoff::record(pool, e, seconds, now);
+            let message = Backoff::blocked_message(e, &record);
+            let mut c = before.make(
+                pool,
+                condition::CAPACITY_AVAILABLE,
+                false,
+                e.category(),
+                message.clone(),
+                now,
+            );
+            // The backoff runs from this error, even after an earlier False.
+            c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now);
+            LaunchReport {
+                capacity: Some(c),
+                backoff: Some(Some(record)),
+                warning: Some((e.category(), message)),
+            }
+        }
+        None => {
+            let was_false = before
+                .condition(condition::CAPACITY_AVAILABLE)
+                .is_some_and(|c| c.status == "False");
+            let capacity = match steps.backoff {
+                Backoff::Expired { seconds } if was_false => Some(available(
+                    scaling::REASON_BACKOFF_EXPIRED,
+                    Backoff::expired_message(seconds),
+                )),
+                _ if before.condition(condition::CAPACITY_AVAILABLE).is_none() => Some(available(
+                    scaling::REASON_AVAILABLE,
+                    "no capacity error seen".to_string(),
+                )),
+                _ => None,
+            };
+            LaunchReport {
+                capacity,
+                backoff: None,
+                warning: None,
+            }
+        }
+    }
+}
+
+/// Observe, decide, execute, report.
 async fn apply(
     pool: Arc<GpuNodePool>,
-    ctx: &Context,
+    ctx: &Ctx,
     cloud: &dyn CloudProvider,
     target: &Target,
 ) -> Result<Action, Error> {
-    let now = Timestamp::now();
+    let shared = &ctx.shared;
+    let now = shared.now();
     let name = pool.name_any();
-    let inventory = ctx.stores.inventory();
+    let inventory = shared.stores.inventory(now);
     let Some(index) = inventory.pool_index(&name) else {
         return Ok(Action::await_change());
     };
@@ -195,192 +437,82 @@ async fn apply(
         Ok(found) => found,
         Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
     };
-    let reachable = before.make(
-        &pool,
-        condition::CLOUD_REACHABLE,
-        true,
-        "Reachable",
-        format!("the {} API answers", pool.spec.provider),
-    );
-    let live: Vec<&Instance> = instances.iter().filter(|i| i.live()).collect();
-    let have = u32::try_from(live.len()).unwrap_or(u32::MAX);
-    let desired =
-        scaling::nodes_needed(&inventory, index, pool.spec.nodes.min, pool.spec.nodes.max);
-
-    // Growth, unless a capacity error blocks it.
-    let backoff = Backoff::of(before.backoff.as_ref(), now);
-    let mut capacity = None;
-    // `None`: the recorded backoff stays as it is.
-    let mut backoff_after: Option<Option<CapacityBackoff>> = None;
-    let mut launched = 0;
-    let blocked_until = match backoff {
-        Backoff::Blocked { until, .. } => Some(until),
-        _ => None,
-    };
-    if desired > have && blocked_until.is_none() {
-        let add = desired - have;
-        let launch = Launch {
-            have,
-            add,
-            token: scaling::launch_token(
-                pool.uid().as_deref().unwrap_or(&name),
-                &instances,
-                have,
-                add,
-            ),
-        };
-        match cloud.launch(target, &launch).await {
-            Ok(n) => {
-                launched = n;
-                backoff_after = Some(None);
-                tracing::info!(pool = %name, launched = n, have, desired, "scaler: launched instances");
-                capacity = Some(before.make(
-                    &pool,
-                    condition::CAPACITY_AVAILABLE,
-                    true,
-                    scaling::REASON_AVAILABLE,
-                    format!(
-                        "the last launch succeeded ({n} instances of {})",
-                        pool.spec.instance_type
-                    ),
-                ));
-            }
-            Err(e) if e.blocks_growth() => {
-                let seconds = backoff.next_seconds(ctx.scaler.settings.backoff);
-                let record = Backoff::record(&pool, &e, seconds, now);
-                let message = Backoff::blocked_message(&e, &record);
-                backoff_after = Some(Some(record));
-                tracing::warn!(pool = %name, error = %e, seconds, "scaler: capacity error; pool growth blocked");
-                publish(
-                    ctx,
-                    &pool,
-                    EventType::Warning,
-                    e.category(),
-                    message.clone(),
-                )
-                .await;
-                let mut c = before.make(
-                    &pool,
-                    condition::CAPACITY_AVAILABLE,
-                    false,
-                    e.category(),
-                    message,
-                );
-                // The backoff runs from this error, even after an earlier False.
-                c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now);
-                capacity = Some(c);
-            }
-            Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
-        }
-    } else if let Backoff::Expired { seconds } = backoff
-        && before
-            .condition(condition::CAPACITY_AVAILABLE)
-            .is_some_and(|c| c.status == "False")
-    {
-        capacity = Some(before.make(
-            &pool,
-            condition::CAPACITY_AVAILABLE,
-            true,
-            scaling::REASON_BACKOFF_EXPIRED,
-            Backoff::expired_message(seconds),
-        ));
-    } else if before.condition(condition::CAPACITY_AVAILABLE).is_none() {
-        capacity = Some(before.make(
-            &pool,
-            condition::CAPACITY_AVAILABLE,
-            true,
-            scaling::REASON_AVAILABLE,
-            "no capacity error seen".to_string(),
-        ));
-    }
-
-    // Shrinking: empty nodes after the cool-down; leaks after the boot grace.
     let selector = pool.node_selector();
-    let nodes: Vec<Arc<Node>> = ctx
+    let nodes: Vec<Arc<Node>> = shared
         .stores
         .nodes
         .state()
         .into_iter()
         .filter(|n| selector.iter().all(|(k, v)| n.labels().get(k) == Some(v)))
         .collect();
-    // Nodes of live instances only: a node whose instance is already going is
-    // neither kept nor returned again.
-    let node_instances: BTreeMap<String, String> = nodes
-        .iter()
-        .filter_map(|n| {
-            let provider_id = n.spec.as_ref()?.provider_id.as_deref()?;
-            let instance = scaling::instance_of(provider_id, &instances).filter(|i| i.live())?;
-            Some((n.name_any(), instance.id.clone()))
-        })
-        .collect();
-    let (seats, leaks) = {
-        let mut memory = ctx.scaler.memory.lock().await;
-        let mut seats = Vec::new();
-        for n in &nodes {
-            let node_name = n.name_any();
-            let empty = inventory
-                .nodes
-                .iter()
-                .find(|f| f.name == node_name)
-                .is_none_or(|f| f.used.iter().all(|(owner, _)| owner.is_none()));
-            let empty_since = if empty {
-                Some(*memory.empty_since.entry(node_name.clone()).or_insert(now))
-            } else {
-                memory.empty_since.remove(&node_name);
-                None
-            };
-            seats.push(NodeSeat {
-                cordoned: n.annotations().contains_key(SCALE_DOWN_ANNOTATION),
-                instance: node_instances.get(&node_name).cloned(),
-                name: node_name,
-                empty,
-                empty_since,
-            });
-        }
-        for i in &live {
-            memory.first_seen.entry(i.id.clone()).or_insert(now);
-        }
-        let first_seen: BTreeMap<String, Timestamp> = live
-            .iter()
-            .filter_map(|i| Some((i.id.clone(), *memory.first_seen.get(&i.id)?)))
-            .collect();
-        let leaks = scaling::leaked(
-            &instances,
-            &node_instances,
-            &first_seen,
-            ctx.scaler.settings.boot_grace,
-            now,
-        );
-        (seats, leaks)
+    let steps = decide(
+        &pool,
+        &inventory,
+        index,
+        &nodes,
+        &instances,
+        &before,
+        &mut *ctx.memory.lock().await,
+        &ctx.settings,
+        now,
+    );
+
+    // Execute: the launch, then scale-down.
+    let outcome = match &steps.launch {
+        Some(launch) => match cloud.launch(target, launch).await {
+            Ok(n) => {
+                tracing::info!(pool = %name, launched = n, have = steps.have, desired = steps.desired, "scaler: launched instances");
+                Some(Ok(n))
+            }
+            Err(e) if e.blocks_growth() => {
+                tracing::warn!(pool = %name, error = %e, "scaler: capacity error; pool growth blocked");
+                Some(Err(e))
+            }
+            Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
+        },
+        None => None,
     };
-    let excess = have.saturating_sub(desired);
-    let down = scaling::scale_down(&seats, excess, ctx.scaler.settings.cooldown, now);
-    for node in &down.cordon {
-        cordon(ctx, node, true).await?;
+    for node in &steps.cordon {
+        cordon(shared, node, true).await?;
     }
-    for node in &down.uncordon {
-        cordon(ctx, node, false).await?;
+    for node in &steps.uncordon {
+        cordon(shared, node, false).await?;
     }
-    let mut terminate = down.terminate.clone();
-    terminate.extend(leaks.iter().cloned());
-    if !terminate.is_empty() {
-        if let Err(e) = cloud.terminate(target, &terminate).await {
+    if !steps.terminate.is_empty() {
+        if let Err(e) = cloud.terminate(target, &steps.terminate).await {
             return unreachable_cloud(ctx, &pool, &before, &e).await;
         }
-        tracing::info!(pool = %name, ?terminate, leaked = leaks.len(), "scaler: terminated instances");
+        tracing::info!(pool = %name, terminate = ?steps.terminate, leaked = steps.leaked, "scaler: terminated instances");
     }
-    let terminated = u32::try_from(terminate.len()).unwrap_or(u32::MAX);
-    let cloud_instances = (have + launched).saturating_sub(terminated);
+
+    // Report.
+    let report = report_launch(&pool, &steps, outcome.as_ref(), &before, &ctx.settings, now);
+    if let Some((reason, message)) = &report.warning {
+        publish(shared, &pool, EventType::Warning, reason, message.clone()).await;
+    }
+    let launched = match outcome {
+        Some(Ok(n)) => n,
+        _ => 0,
+    };
+    let terminated = u32::try_from(steps.terminate.len()).unwrap_or(u32::MAX);
+    let reachable = before.make(
+        &pool,
+        condition::CLOUD_REACHABLE,
+        true,
+        "Reachable",
+        format!("the {} API answers", pool.spec.provider),
+        now,
+    );
     let mut conditions = vec![reachable];
-    conditions.extend(capacity);
+    conditions.extend(report.capacity);
     write_status(
         ctx,
         &pool,
         &before,
         Update {
-            desired: Some(desired),
-            instances: Some(cloud_instances),
-            backoff: backoff_after,
+            desired: Some(steps.desired),
+            instances: Some((steps.have + launched).saturating_sub(terminated)),
+            backoff: report.backoff,
             conditions,
         },
     )
@@ -388,30 +520,11 @@ async fn apply(
 
     // Wake when something is due: instances booting, nodes draining, a cool-down
     // or a backoff ending.
-    let booting = live
-        .iter()
-        .any(|i| !node_instances.values().any(|id| id == &i.id));
-    let mut next =
-        if booting || !down.cordon.is_empty() || !down.terminate.is_empty() || launched > 0 {
-            SOON
-        } else {
-            RECHECK
-        };
-    let mut due = |t: Timestamp| {
+    let busy = steps.booting || !steps.cordon.is_empty() || terminated > 0 || launched > 0;
+    let mut next = if busy { SOON } else { RECHECK };
+    for t in &steps.due {
         if let Ok(wait) = Duration::try_from(t.duration_since(now)) {
             next = next.min(wait.max(Duration::from_millis(500)));
-        }
-    };
-    if let Some(until) = blocked_until {
-        due(until);
-    }
-    if excess > 0 {
-        let cooldown =
-            SignedDuration::try_from(ctx.scaler.settings.cooldown).unwrap_or(SignedDuration::MAX);
-        for seat in seats.iter().filter(|s| s.empty) {
-            if let Some(since) = seat.empty_since {
-                due(since + cooldown);
-            }
         }
     }
     Ok(Action::requeue(next))
@@ -421,7 +534,7 @@ async fn apply(
 /// until the cloud lists nothing live.
 async fn release(
     pool: Arc<GpuNodePool>,
-    ctx: &Context,
+    ctx: &Ctx,
     cloud: &dyn CloudProvider,
     target: &Target,
 ) -> Result<Action, Error> {
@@ -448,7 +561,7 @@ async fn release(
             running,
         });
     }
-    let mut memory = ctx.scaler.memory.lock().await;
+    let mut memory = ctx.memory.lock().await;
     for i in &instances {
         memory.first_seen.remove(&i.id);
     }
@@ -457,7 +570,7 @@ async fn release(
 }
 
 async fn unreachable_cloud(
-    ctx: &Context,
+    ctx: &Ctx,
     pool: &GpuNodePool,
     before: &Written,
     e: &CloudError,
@@ -469,9 +582,12 @@ async fn unreachable_cloud(
         false,
         e.category(),
         e.to_string(),
+        ctx.shared.now(),
     );
     write_status(ctx, pool, before, Update::conditions(vec![reachable])).await?;
-    ctx.metrics.reconcile_failed(CONTROLLER, e.category());
+    ctx.shared
+        .metrics
+        .reconcile_failed(CONTROLLER, e.category());
     let wait = match e.kind {
         crate::cloud::ErrorKind::Throttled {
             retry_after: Some(after),
@@ -481,9 +597,6 @@ async fn unreachable_cloud(
     Ok(Action::requeue(wait))
 }
 
-/// Server-side applies the scaler's status fields, only when they differ from what
-/// it wrote last. An apply claims exactly what it sends, so the fields and
-/// conditions not set this time are sent as they were.
 /// What one pass changes in the scaler's part of the status; `None`s keep what was
 /// written.
 struct Update {
@@ -505,8 +618,11 @@ impl Update {
     }
 }
 
+/// Server-side applies the scaler's status fields, only when they differ from what
+/// it wrote last. An apply claims exactly what it sends, so the fields and
+/// conditions not set this time are sent as they were.
 async fn write_status(
-    ctx: &Context,
+    ctx: &Ctx,
     pool: &GpuNodePool,
     before: &Written,
     update: Update,
@@ -526,62 +642,38 @@ async fn write_status(
     if &after == before {
         return Ok(());
     }
-    let patch = serde_json::json!({
-        "apiVersion": GpuNodePool::api_version(&()),
-        "kind": GpuNodePool::kind(&()),
-        "status": {
-            "desiredNodes": after.desired,
-            "cloudInstances": after.instances,
-            "capacityBackoff": after.backoff,
-            "conditions": after.conditions,
-        },
-    });
-    let name = pool.name_any();
-    let api: Api<GpuNodePool> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(super::without_nulls(patch)),
-    )
-    .await
-    .map_err(|source| Error::Status { name, source })?;
-    ctx.metrics.wrote("gpunodepools/status", "apply");
-    ctx.scaler
-        .memory
-        .lock()
-        .await
-        .written
-        .insert(uid_of(pool), after);
+    ctx.shared
+        .applier
+        .status::<GpuNodePool>(
+            None,
+            &pool.name_any(),
+            manager::SCALER,
+            serde_json::json!({
+                "desiredNodes": after.desired,
+                "cloudInstances": after.instances,
+                "capacityBackoff": after.backoff,
+                "conditions": after.conditions,
+            }),
+        )
+        .await?;
+    ctx.memory.lock().await.written.insert(uid_of(pool), after);
     Ok(())
 }
 
 /// Cordons a node for removal (marking it as ours), or uncordons one we cordoned.
 async fn cordon(ctx: &Context, node: &str, on: bool) -> Result<(), Error> {
     let patch = if on {
-        serde_json::json!({"metadata": {"annotations": {SCALE_DOWN_ANNOTATION: Timestamp::now().to_string()}},
+        serde_json::json!({"metadata": {"annotations": {SCALE_DOWN_ANNOTATION: ctx.now().to_string()}},
                            "spec": {"unschedulable": true}})
     } else {
         serde_json::json!({"metadata": {"annotations": {SCALE_DOWN_ANNOTATION: null}},
                            "spec": {"unschedulable": null}})
     };
-    let api: Api<Node> = Api::all(ctx.client.clone());
-    match api
-        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {}
-        // Its instance went and the registrar or the cloud controller removed it.
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-        Err(source) => {
-            return Err(Error::Apply {
-                kind: "Node",
-                name: node.to_string(),
-                source,
-            });
-        }
+    // A Node that is gone: its instance went and the registrar or the cloud
+    // controller removed it.
+    if ctx.applier.merge::<Node>(node, &patch).await? {
+        tracing::info!(%node, cordoned = on, "scaler: node {}", if on { "cordoned for removal" } else { "uncordoned" });
     }
-    ctx.metrics.wrote("nodes", "patch");
-    tracing::info!(%node, cordoned = on, "scaler: node {}", if on { "cordoned for removal" } else { "uncordoned" });
     Ok(())
 }
 
@@ -591,8 +683,10 @@ async fn publish(ctx: &Context, pool: &GpuNodePool, type_: EventType, reason: &s
 }
 
 #[tracing::instrument(name = "error_policy", skip_all, fields(controller = CONTROLLER, object = pool.metadata.name.as_deref().unwrap_or_default()))]
-pub fn error_policy(pool: Arc<GpuNodePool>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failed(CONTROLLER, error.category());
+pub fn error_policy(pool: Arc<GpuNodePool>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.shared
+        .metrics
+        .reconcile_failed(CONTROLLER, error.category());
     tracing::warn!(%error, "scaler reconcile failed; retrying in 3 s");
     Action::requeue(Duration::from_secs(3))
 }

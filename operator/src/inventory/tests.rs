@@ -146,7 +146,7 @@ fn a_pool_whose_nodes_report_no_times_still_fails_over_after_the_grace() {
             now,
             clock,
         )
-        .view(&owner, grace, Duration::from_secs(20))
+        .view(&owner, grace, Duration::from_secs(20), now)
     };
     assert_eq!(view(&mut clock, t0).health["aws-a"], Health::Healthy);
     let t6 = at("2026-01-01T00:05:06Z");
@@ -177,6 +177,7 @@ fn booting_nodes_are_room_to_grow_and_do_not_make_a_pool_lost() {
         &("ns".into(), "md".into()),
         Duration::from_secs(5),
         Duration::from_secs(20),
+        now,
     );
     assert!(
         view.pools[0].nodes.is_empty(),

@@ -48,12 +48,7 @@ fn child(replicas: u32, gpus: u32) -> Child {
 }
 
 fn inventory(nodes: Vec<NodeFacts>, children: Vec<Child>) -> Inventory {
-    Inventory {
-        pools: vec![pool(8)],
-        nodes,
-        children,
-        now: Timestamp::UNIX_EPOCH,
-    }
+    Inventory::from_facts(vec![pool(8)], nodes, children)
 }
 
 #[test]

@@ -1,0 +1,356 @@
+//! What one ModelDeployment pass should do, decided without I/O: from the
+//! ModelDeployment, what the cluster holds (its children, the pools' health) and its
+//! plan, the writes (growth first), the status, the Events and the failover clock.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use outrigger_crds::{ModelDeployment, ModelDeploymentStatus, condition};
+use outrigger_placement as placement;
+
+use crate::controller::apply::{applied_hash, without_nulls};
+use crate::inventory::{Health, Inventory, Key, View};
+use crate::telemetry::ReplicaLabels;
+use crate::{children, status};
+
+/// Look again this often with no trigger: other workloads' GPU use can change
+/// without an event we watch.
+pub const RECHECK: Duration = Duration::from_secs(60);
+
+/// The children of this ModelDeployment that exist, as the caches hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    /// Per child Deployment: its pool, name and applied hash.
+    pub deployments: Vec<(String, String, Option<String>)>,
+    /// The applied hash of its Service, when it has one.
+    pub service: Option<Option<String>>,
+    /// The applied hash of its PodDisruptionBudget, when it has one.
+    pub budget: Option<Option<String>>,
+}
+
+/// One write to the API server.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Deployment(Box<Deployment>),
+    Service(Box<Service>),
+    Budget(Box<PodDisruptionBudget>),
+    DeleteDeployment(String),
+    DeleteService(String),
+}
+
+/// An Event to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What happens to this ModelDeployment's failover clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Failover {
+    Unchanged,
+    /// A pool it runs on was lost at this time: the failover starts.
+    Started(Timestamp),
+    /// Every replica is Ready again, this many seconds after the loss.
+    Ended(f64),
+}
+
+/// Everything one pass does.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Applied first, together: the pools that grow, so replacements exist before
+    /// anything shrinks.
+    pub grow: Vec<Write>,
+    /// Then the rest: pools that keep or shrink, deletes, the Service and budget.
+    pub then: Vec<Write>,
+    /// The status, when it differs from what the object has.
+    pub status: Option<ModelDeploymentStatus>,
+    pub notes: Vec<Note>,
+    pub failover: Failover,
+    /// The `outrigger_replicas` series to set.
+    pub replicas: Vec<(ReplicaLabels, u32)>,
+    pub requeue: Duration,
+}
+
+impl Decision {
+    pub fn writes(&self) -> usize {
+        self.grow.len() + self.then.len() + usize::from(self.status.is_some())
+    }
+}
+
+/// What the pass knows about this ModelDeployment besides its object.
+pub struct Facts<'a> {
+    pub key: &'a Key,
+    pub inventory: &'a Inventory,
+    pub view: &'a View,
+    pub plan: &'a placement::Plan,
+    /// Replicas per pool its children have now.
+    pub current: &'a BTreeMap<String, u32>,
+    pub existing: &'a Existing,
+    /// Since when it has been failing over, if it is.
+    pub failing_over: Option<Timestamp>,
+    pub now: Timestamp,
+}
+
+pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
+    let Facts {
+        key,
+        inventory,
+        view,
+        plan,
+        current,
+        existing,
+        failing_over,
+        now,
+    } = *facts;
+    let ready: BTreeMap<String, u32> = inventory
+        .children_of(key)
+        .map(|c| (c.pool.clone(), c.ready))
+        .collect();
+    let targets = targets(plan, current, &ready, &view.health);
+
+    let mut grow = Vec::new();
+    let mut then = Vec::new();
+    for (pool_name, &n) in targets.iter().filter(|(_, n)| **n > 0) {
+        let Some(pool) = inventory.pool(pool_name) else {
+            continue;
+        };
+        let desired = children::deployment(md, pool, n);
+        let stored = existing
+            .deployments
+            .iter()
+            .find(|(pool, _, _)| pool == pool_name)
+            .and_then(|(_, _, hash)| hash.as_deref());
+        if stored.is_some() && stored == applied_hash(&desired.metadata) {
+            continue;
+        }
+        let write = Write::Deployment(Box::new(desired));
+        if n > current.get(pool_name).copied().unwrap_or(0) {
+            grow.push(write);
+        } else {
+            then.push(write);
+        }
+    }
+    for (pool, name, _) in &existing.deployments {
+        if targets.get(pool).copied().unwrap_or(0) == 0 {
+            then.push(Write::DeleteDeployment(name.clone()));
+        }
+    }
+    match (children::service(md), &existing.service) {
+        (Some(desired), stored) => {
+            if stored
+                .as_ref()
+                .is_none_or(|h| h.as_deref() != applied_hash(&desired.metadata))
+            {
+                then.push(Write::Service(Box::new(desired)));
+            }
+        }
+        (None, Some(_)) => then.push(Write::DeleteService(key.1.clone())),
+        (None, None) => {}
+    }
+    let budget = children::disruption_budget(md);
+    if existing
+        .budget
+        .as_ref()
+        .is_none_or(|h| h.as_deref() != applied_hash(&budget.metadata))
+    {
+        then.push(Write::Budget(Box::new(budget)));
+    }
+
+    let applied: status::Applied = targets
+        .iter()
+        .map(|(pool, &n)| {
+            (
+                pool.clone(),
+                (n, ready.get(pool).copied().unwrap_or(0).min(n)),
+            )
+        })
+        .collect();
+    let desired = status::desired(md, plan, &applied, &inventory.pools, now);
+    let (notes, failover) = announce(
+        md,
+        plan,
+        &targets,
+        current,
+        view,
+        &desired,
+        failing_over,
+        now,
+    );
+    let status = (!same_status(md.status.as_ref(), &desired)).then_some(desired);
+
+    let deployment = format!("{}/{}", key.0, key.1);
+    let replicas = current
+        .keys()
+        .chain(targets.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|pool| {
+            let provider = inventory
+                .pool(pool)
+                .map_or("unknown", |p| p.spec.provider.as_str());
+            (
+                ReplicaLabels {
+                    deployment: deployment.clone(),
+                    provider: provider.to_string(),
+                    pool: pool.clone(),
+                },
+                targets.get(pool).copied().unwrap_or(0),
+            )
+        })
+        .collect();
+    let requeue = view
+        .next_change
+        .and_then(|t| Duration::try_from(t.duration_since(now)).ok())
+        .map_or(RECHECK, |d| d.min(RECHECK) + Duration::from_millis(50));
+    Decision {
+        grow,
+        then,
+        status,
+        notes,
+        failover,
+        replicas,
+        requeue,
+    }
+}
+
+fn same_status(current: Option<&ModelDeploymentStatus>, desired: &ModelDeploymentStatus) -> bool {
+    let json = |s: &ModelDeploymentStatus| {
+        without_nulls(serde_json::to_value(s).expect("status serialises"))
+    };
+    current.is_some_and(|c| json(c) == json(desired))
+}
+
+/// Replicas per pool to apply: the plan, except that while replacements are not
+/// Ready yet a healthy pool the plan shrinks keeps its replicas (make before break).
+/// A lost pool gives its replicas up at once.
+pub fn targets(
+    plan: &placement::Plan,
+    current: &BTreeMap<String, u32>,
+    ready: &BTreeMap<String, u32>,
+    health: &BTreeMap<String, Health>,
+) -> BTreeMap<String, u32> {
+    let mut targets: BTreeMap<String, u32> = plan
+        .placements
+        .iter()
+        .map(|p| (p.pool.clone(), p.replicas))
+        .collect();
+    let waiting = targets.iter().any(|(pool, &n)| {
+        n > current.get(pool).copied().unwrap_or(0) && ready.get(pool).copied().unwrap_or(0) < n
+    });
+    if waiting {
+        for (pool, &now) in current {
+            let planned = targets.get(pool).copied().unwrap_or(0);
+            if planned < now && health.get(pool) == Some(&Health::Healthy) {
+                targets.insert(pool.clone(), now);
+            }
+        }
+    }
+    targets
+}
+
+fn describe(counts: &BTreeMap<String, u32>) -> String {
+    let parts: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(p, n)| format!("{p}={n}"))
+        .collect();
+    if parts.is_empty() {
+        "nothing".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// The Events for what changed, and the failover clock.
+#[allow(clippy::too_many_arguments)]
+fn announce(
+    md: &ModelDeployment,
+    plan: &placement::Plan,
+    targets: &BTreeMap<String, u32>,
+    current: &BTreeMap<String, u32>,
+    view: &View,
+    desired: &ModelDeploymentStatus,
+    failing_over: Option<Timestamp>,
+    now: Timestamp,
+) -> (Vec<Note>, Failover) {
+    let mut notes = Vec::new();
+    let mut failover = Failover::Unchanged;
+    let lost: Vec<(&String, Timestamp)> = current
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .filter_map(|(pool, _)| match view.health.get(pool) {
+            Some(Health::Unhealthy { lost_since }) => Some((pool, *lost_since)),
+            _ => None,
+        })
+        .collect();
+    if let Some(since) = lost.iter().map(|(_, t)| *t).min() {
+        if failing_over.is_none() {
+            failover = Failover::Started(since);
+            let pools: Vec<&str> = lost.iter().map(|(p, _)| p.as_str()).collect();
+            notes.push(Note {
+                warning: true,
+                reason: "FailingOver",
+                message: format!(
+                    "pool(s) {} lost their nodes; moving replicas: {} -> {}",
+                    pools.join(", "),
+                    describe(current),
+                    describe(targets)
+                ),
+            });
+        }
+    } else if targets != current {
+        notes.push(Note {
+            warning: false,
+            reason: if current.is_empty() {
+                "Placed"
+            } else {
+                "Rescheduled"
+            },
+            message: format!("{} (was {})", describe(targets), describe(current)),
+        });
+    }
+    let was_diversified = md.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::DIVERSIFIED)
+            .map(|c| c.status == "True")
+    });
+    if !plan.diversified && was_diversified != Some(false) {
+        notes.push(Note {
+            warning: true,
+            reason: "RulesNotMet",
+            message: desired
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition::DIVERSIFIED)
+                .map(|c| c.message.clone())
+                .unwrap_or_default(),
+        });
+    }
+    let all_ready = desired.ready_replicas >= Some(md.spec.replicas) && plan.unplaced == 0;
+    if all_ready
+        && lost.is_empty()
+        && let Some(since) = failing_over
+    {
+        let seconds = now.duration_since(since).as_secs_f64();
+        failover = Failover::Ended(seconds);
+        notes.push(Note {
+            warning: false,
+            reason: "FailedOver",
+            message: format!(
+                "every replica Ready again {seconds:.1} s after the lost pool's nodes went down: {}",
+                describe(targets)
+            ),
+        });
+    }
+    (notes, failover)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,362 @@
+//! The ModelDeployment controller, one pass per reconcile: observe (the inventory,
+//! the pools as this deployment sees them, its plan) -> decide (`decide`, pure) ->
+//! act (growth first, through the one applier) -> report (status, Events, metrics).
+//! A pass with nothing to change writes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use outrigger_crds::{ModelDeployment, condition};
+use tokio::sync::Mutex;
+
+use super::apply::{Applier, applied_hash, manager};
+use super::{Context, Error, Stores};
+use crate::inventory::{Inventory, Key};
+use crate::{inputs, labels, status, validate};
+
+pub mod decide;
+
+pub const CONTROLLER: &str = "modeldeployment";
+
+/// The ModelDeployment controller's own state, beside what all controllers share.
+pub struct Ctx {
+    pub shared: Arc<Context>,
+    /// ModelDeployments moving off a lost pool, and since when its nodes were lost,
+    /// until every replacement is Ready.
+    pub failovers: Mutex<HashMap<Key, Timestamp>>,
+    /// Each ModelDeployment's last plan and a digest of its solver input: a pass
+    /// whose input is unchanged (say, only a pool it cannot use changed) does not
+    /// solve again.
+    pub plans: Mutex<outrigger_placement::Fleet<Key>>,
+}
+
+impl Ctx {
+    pub fn new(shared: Arc<Context>) -> Ctx {
+        Ctx {
+            shared,
+            failovers: Mutex::default(),
+            plans: Mutex::default(),
+        }
+    }
+}
+
+/// The metadata of a watched ModelDeployment, valid or not.
+fn meta_of(guard: &DeserializeGuard<ModelDeployment>) -> &ObjectMeta {
+    match &guard.0 {
+        Ok(md) => &md.metadata,
+        Err(invalid) => &invalid.metadata,
+    }
+}
+
+#[tracing::instrument(name = "reconcile", skip_all, fields(
+    controller = CONTROLLER,
+    namespace = meta_of(&guard).namespace.as_deref().unwrap_or_default(),
+    object = meta_of(&guard).name.as_deref().unwrap_or_default(),
+))]
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<ModelDeployment>>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, Error> {
+    let _timer = ctx.shared.metrics.reconcile_timer(CONTROLLER);
+    match &guard.0 {
+        Ok(md) => apply(md, &ctx).await,
+        Err(invalid) => {
+            report_invalid(&invalid.metadata, &invalid.error, None, &ctx.shared).await?;
+            Ok(Action::await_change())
+        }
+    }
+}
+
+#[tracing::instrument(name = "error_policy", skip_all, fields(
+    controller = CONTROLLER,
+    namespace = meta_of(&guard).namespace.as_deref().unwrap_or_default(),
+    object = meta_of(&guard).name.as_deref().unwrap_or_default(),
+))]
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<ModelDeployment>>,
+    error: &Error,
+    ctx: Arc<Ctx>,
+) -> Action {
+    ctx.shared
+        .metrics
+        .reconcile_failed(CONTROLLER, error.category());
+    tracing::warn!(%error, "reconcile failed; retrying in 5 s");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn key_of(md: &ModelDeployment) -> Key {
+    (md.namespace().unwrap_or_default(), md.name_any())
+}
+
+async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
+    let key = key_of(md);
+    if md.metadata.deletion_timestamp.is_some() {
+        // Children carry owner references: the garbage collector removes them.
+        ctx.plans.lock().await.forget(&key);
+        return Ok(Action::await_change());
+    }
+    let errors = validate::model_deployment(&md.spec);
+    if !errors.is_empty() {
+        let message: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        report_invalid(
+            &md.metadata,
+            &message.join("; "),
+            md.status.as_ref().map(|s| s.conditions.as_slice()),
+            &ctx.shared,
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+
+    // Observe: the facts this deployment's plan reads.
+    let shared = &ctx.shared;
+    let now = shared.now();
+    let inventory = shared.stores.inventory(now);
+    let grace = Duration::from_secs(u64::from(md.spec.failover.unhealthy_after_seconds));
+    let rebalance = Duration::from_secs(u64::from(md.spec.failover.rebalance_after_seconds));
+    let view = inventory.view(&key, grace, rebalance, now);
+    let mut request = inputs::request(md);
+    request.current = inventory.current(&key);
+    // Solves only when the input changed: a pool this deployment cannot use does
+    // not enter its digest beyond what makes it ineligible (placement::Fleet).
+    let planned = ctx.plans.lock().await.plan(&key, &request, &view.pools);
+    tracing::debug!(
+        solved = planned.solved,
+        current = ?request.current,
+        plan = ?planned.plan.placements.iter().map(|p| (p.pool.as_str(), p.replicas)).collect::<Vec<_>>(),
+        "planned"
+    );
+    let existing = existing(&key, &inventory, &shared.stores);
+    let failing_over = ctx.failovers.lock().await.get(&key).copied();
+
+    // Decide, without I/O.
+    let decision = decide::decide(
+        md,
+        &decide::Facts {
+            key: &key,
+            inventory: &inventory,
+            view: &view,
+            plan: &planned.plan,
+            current: &request.current,
+            existing: &existing,
+            failing_over,
+            now,
+        },
+    );
+
+    tracing::debug!(writes = decision.writes(), "decided");
+
+    // Act: growth first, then the rest; each group's writes go out together.
+    for group in [&decision.grow, &decision.then] {
+        let writes = group.iter().map(|w| write(&shared.applier, &key.0, w));
+        if let Err(error) = futures::future::try_join_all(writes).await {
+            // Refused for what the object says (invalid, forbidden, over a quota),
+            // not a transient failure: a person has to act on it.
+            if let Error::Apply {
+                kind,
+                name,
+                source: kube::Error::Api(status),
+            } = &error
+                && matches!(status.code, 400 | 403 | 422)
+            {
+                report_apply_failed(md, kind, name, &status.message, shared).await?;
+            }
+            return Err(error);
+        }
+    }
+
+    // Report.
+    if let Some(status) = &decision.status {
+        shared
+            .applier
+            .status::<ModelDeployment>(
+                Some(&key.0),
+                &key.1,
+                manager::CHILDREN,
+                serde_json::to_value(status).expect("status serialises"),
+            )
+            .await?;
+    }
+    let reference = md.object_ref(&());
+    for note in &decision.notes {
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        publish(shared, &reference, type_, note.reason, note.message.clone()).await;
+    }
+    match decision.failover {
+        decide::Failover::Unchanged => {}
+        decide::Failover::Started(since) => {
+            ctx.failovers.lock().await.insert(key.clone(), since);
+        }
+        decide::Failover::Ended(seconds) => {
+            ctx.failovers.lock().await.remove(&key);
+            shared.metrics.failover_seconds.observe(seconds);
+        }
+    }
+    for (labels_, replicas) in decision.replicas {
+        shared.metrics.set_replicas(labels_, replicas);
+    }
+    Ok(Action::requeue(decision.requeue))
+}
+
+/// The children the caches hold for `key`.
+fn existing(key: &Key, inventory: &Inventory, stores: &Stores) -> decide::Existing {
+    let (ns, name) = key;
+    let hash_in = |meta: &ObjectMeta| {
+        (meta.namespace.as_ref() == Some(ns)
+            && meta.name.as_ref() == Some(name)
+            && owned_by(meta, name))
+        .then(|| applied_hash(meta).map(str::to_string))
+    };
+    decide::Existing {
+        deployments: inventory
+            .children_of(key)
+            .map(|c| (c.pool.clone(), c.name.clone(), c.applied_hash.clone()))
+            .collect(),
+        service: stores
+            .services
+            .find(|s| hash_in(&s.metadata).is_some())
+            .and_then(|s| hash_in(&s.metadata)),
+        budget: stores
+            .budgets
+            .find(|b| hash_in(&b.metadata).is_some())
+            .and_then(|b| hash_in(&b.metadata)),
+    }
+}
+
+async fn write(applier: &Applier, ns: &str, write: &decide::Write) -> Result<(), Error> {
+    match write {
+        decide::Write::Deployment(d) => applier.child(ns, d.as_ref()).await,
+        decide::Write::Service(s) => applier.child(ns, s.as_ref()).await,
+        decide::Write::Budget(b) => applier.child(ns, b.as_ref()).await,
+        decide::Write::DeleteDeployment(name) => applier.delete::<Deployment>(ns, name).await,
+        decide::Write::DeleteService(name) => applier.delete::<Service>(ns, name).await,
+    }
+}
+
+fn owned_by(meta: &ObjectMeta, md: &str) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(labels::DEPLOYMENT))
+        .is_some_and(|v| v == md)
+}
+
+/// Marks a ModelDeployment whose child the API server refused: `Ready=False` with
+/// reason `ApplyFailed` and the server's own message, and a Warning Event, once per
+/// distinct message. The reconcile still fails, so it is retried with backoff.
+async fn report_apply_failed(
+    md: &ModelDeployment,
+    kind: &str,
+    child: &str,
+    said: &str,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let message = format!(
+        "the API server refused {kind} {child}: {said}; fix the ModelDeployment's spec (see kubectl describe md {})",
+        md.name_any()
+    );
+    report_condition(
+        &md.metadata,
+        "ApplyFailed",
+        &message,
+        md.status.as_ref().map(|s| s.conditions.as_slice()),
+        ctx,
+    )
+    .await
+}
+
+/// Marks a ModelDeployment whose spec cannot be used: `Ready=False` with reason
+/// `InvalidSpec`, and a Warning Event. Its children are left as they are.
+async fn report_invalid(
+    meta: &ObjectMeta,
+    message: &str,
+    previous: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    report_condition(
+        meta,
+        "InvalidSpec",
+        &format!("the spec cannot be used: {message}"),
+        previous,
+        ctx,
+    )
+    .await
+}
+
+/// `Ready=False` with `reason` and `message` (its own field manager, so the rest of
+/// the status stays as the last pass wrote it), and a Warning Event with the same
+/// reason; nothing when the condition already says so.
+async fn report_condition(
+    meta: &ObjectMeta,
+    reason: &str,
+    message: &str,
+    previous: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let name = meta.name.clone().unwrap_or_default();
+    let ns = meta.namespace.clone().unwrap_or_default();
+    let already = previous
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == condition::READY && c.reason == reason && c.message == message);
+    if already {
+        return Ok(());
+    }
+    tracing::warn!(namespace = %ns, name = %name, %reason, %message, "ModelDeployment not ready");
+    let condition = status::condition(
+        previous.unwrap_or_default(),
+        condition::READY,
+        false,
+        reason,
+        message.to_string(),
+        meta.generation,
+        ctx.now(),
+    );
+    ctx.applier
+        .status::<ModelDeployment>(
+            Some(&ns),
+            &name,
+            manager::VALIDATION,
+            serde_json::json!({"conditions": [condition]}),
+        )
+        .await?;
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(ModelDeployment::api_version(&()).to_string()),
+        kind: Some(ModelDeployment::kind(&()).to_string()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid: meta.uid.clone(),
+        ..Default::default()
+    };
+    publish(
+        ctx,
+        &reference,
+        EventType::Warning,
+        reason,
+        message.to_string(),
+    )
+    .await;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    ctx.publish(reference, "Placing", type_, reason, note).await;
+}
