@@ -129,22 +129,25 @@ pub fn gpus_of(quantities: Option<&BTreeMap<String, Quantity>>) -> u32 {
         .unwrap_or(0)
 }
 
-/// GPUs one pod asks for: per container, requests or else limits.
+/// GPUs one pod asks for: per container, requests or else limits. The one rule for
+/// GPUs per replica, for running pods and for a child's pod template alike.
 pub fn pod_gpus(pod: &Pod) -> u32 {
-    pod.spec.as_ref().map_or(0, |spec| {
-        spec.containers
-            .iter()
-            .map(|c| {
-                let r = c.resources.as_ref();
-                let requested = gpus_of(r.and_then(|r| r.requests.as_ref()));
-                if requested > 0 {
-                    requested
-                } else {
-                    gpus_of(r.and_then(|r| r.limits.as_ref()))
-                }
-            })
-            .sum()
-    })
+    pod.spec.as_ref().map_or(0, spec_gpus)
+}
+
+fn spec_gpus(spec: &k8s_openapi::api::core::v1::PodSpec) -> u32 {
+    spec.containers
+        .iter()
+        .map(|c| {
+            let r = c.resources.as_ref();
+            let requested = gpus_of(r.and_then(|r| r.requests.as_ref()));
+            if requested > 0 {
+                requested
+            } else {
+                gpus_of(r.and_then(|r| r.limits.as_ref()))
+            }
+        })
+        .sum()
 }
 
 /// The ModelDeployment an object of Outrigger's belongs to, from its labels.
@@ -308,12 +311,7 @@ impl Inventory {
                 let owner = owner_of(Some(l), d.metadata.namespace.as_ref())?;
                 let pool = l.get(labels::POOL)?.clone();
                 let spec = &d.spec;
-                let gpus = spec.template.spec.as_ref().map_or(0, |s| {
-                    s.containers
-                        .iter()
-                        .map(|c| gpus_of(c.resources.as_ref().and_then(|r| r.limits.as_ref())))
-                        .sum()
-                });
+                let gpus = spec.template.spec.as_ref().map_or(0, spec_gpus);
                 Some(Child {
                     scheduled: scheduled
                         .get(&(owner.clone(), pool.clone()))

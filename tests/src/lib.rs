@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod azure;
+pub mod azure_client;
 pub mod clouds;
 pub mod control;
 pub mod ec2;

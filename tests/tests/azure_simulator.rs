@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_core::auth::{AccessToken, TokenCredential};
 use azure_core::headers::HeaderName;
 use azure_core::{RetryOptions, StatusCode};
 use azure_mgmt_compute::package_2024_07_01::models::{
@@ -14,6 +13,7 @@ use azure_mgmt_compute::package_2024_07_01::models::{
 };
 use azure_mgmt_compute::package_2024_07_01::{Client, ClientBuilder};
 use futures::StreamExt;
+use outrigger_tests::azure_client::StaticToken;
 use outrigger_tests::harness::{Control, eventually};
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::{Value, json};
@@ -23,24 +23,6 @@ const RG: &str = "outrigger-test";
 const H100: &str = "Standard_ND96isr_H100_v5";
 /// Operations take 1 s in the simulator; this is the most a test waits for one.
 const OPERATION_DEADLINE: Duration = Duration::from_secs(20);
-
-/// A token credential that hands out a fixed token (the simulator takes any).
-#[derive(Debug)]
-struct StaticToken;
-
-#[async_trait::async_trait]
-impl TokenCredential for StaticToken {
-    async fn get_token(&self, _scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        Ok(AccessToken::new(
-            "outrigger-test-token",
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        ))
-    }
-
-    async fn clear_cache(&self) -> azure_core::Result<()> {
-        Ok(())
-    }
-}
 
 async fn simulator() -> (Simulator, Control) {
     // The Azure endpoint never calls moto; any address will do.
@@ -54,7 +36,8 @@ async fn simulator() -> (Simulator, Control) {
 
 fn client(sim: &Simulator, retries: bool) -> Client {
     let endpoint = azure_core::Url::parse(sim.azure_url()).expect("a URL");
-    let mut builder = ClientBuilder::new(Arc::new(StaticToken)).endpoint(endpoint);
+    let mut builder =
+        ClientBuilder::new(Arc::new(StaticToken("outrigger-test-token"))).endpoint(endpoint);
     if !retries {
         builder = builder.retry(RetryOptions::none());
     }

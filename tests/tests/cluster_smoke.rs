@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{InstanceType, Placement, ResourceType, Tag, TagSpecification};
-use azure_core::auth::{AccessToken, TokenCredential};
 use azure_core::headers::HeaderName;
 use azure_mgmt_compute::package_2024_07_01::ClientBuilder;
 use azure_mgmt_compute::package_2024_07_01::models::{Sku, VirtualMachineScaleSetUpdate};
@@ -26,6 +25,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::GpuNodePool;
+use outrigger_tests::azure_client::StaticToken;
 use outrigger_tests::e2e::SimClouds;
 use outrigger_tests::harness::{e2e_requested, eventually};
 use serde_json::{Value, json};
@@ -37,23 +37,6 @@ const AWS_ZONE: &str = "us-east-1a";
 /// A region only this test uses, so its outage touches no other test's Nodes.
 const AZURE_REGION: &str = "westus3";
 const SUBSCRIPTION: &str = "00000000-0000-0000-0000-00000000beef";
-
-#[derive(Debug)]
-struct StaticToken;
-
-#[async_trait::async_trait]
-impl TokenCredential for StaticToken {
-    async fn get_token(&self, _scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        Ok(AccessToken::new(
-            "outrigger-smoke",
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        ))
-    }
-
-    async fn clear_cache(&self) -> azure_core::Result<()> {
-        Ok(())
-    }
-}
 
 /// Names and clients of one run.
 struct Run {
@@ -376,7 +359,7 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         }))
         .await;
 
-    let client = ClientBuilder::new(Arc::new(StaticToken))
+    let client = ClientBuilder::new(Arc::new(StaticToken("outrigger-smoke")))
         .endpoint(azure_core::Url::parse(&run.sim.azure_url).expect("AZURE_ENDPOINT_URL"))
         .build()
         .expect("an Azure client");

@@ -21,6 +21,8 @@ pub mod apply;
 pub mod model_deployment;
 pub mod pool;
 pub mod scaler;
+#[cfg(test)]
+mod tests;
 
 /// An inventory and the store generation it was built at.
 type Built = Option<(u64, Arc<Inventory>)>;

@@ -64,9 +64,9 @@ pub enum Failover {
 #[derive(Debug, Clone)]
 pub struct Decision {
     /// Applied first, together: the pools that grow, so replacements exist before
-    /// anything shrinks.
+    /// anything shrinks, and the Service and budget, which shrink nothing.
     pub grow: Vec<Write>,
-    /// Then the rest: pools that keep or shrink, deletes, the Service and budget.
+    /// Then, together with the status: pools that keep or shrink, and deletes.
     pub then: Vec<Write>,
     /// The status, when it differs from what the object has.
     pub status: Option<ModelDeploymentStatus>,
@@ -147,7 +147,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
                 .as_ref()
                 .is_none_or(|h| h.as_deref() != applied_hash(&desired.metadata))
             {
-                then.push(Write::Service(Box::new(desired)));
+                grow.push(Write::Service(Box::new(desired)));
             }
         }
         (None, Some(_)) => then.push(Write::DeleteService(key.1.clone())),
@@ -159,7 +159,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         .as_ref()
         .is_none_or(|h| h.as_deref() != applied_hash(&budget.metadata))
     {
-        then.push(Write::Budget(Box::new(budget)));
+        grow.push(Write::Budget(Box::new(budget)));
     }
 
     let applied: status::Applied = targets

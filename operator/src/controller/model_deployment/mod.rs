@@ -155,46 +155,65 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
 
     tracing::debug!(writes = decision.writes(), "decided");
 
-    // Act: growth first, then the rest; each group's writes go out together.
-    for group in [&decision.grow, &decision.then] {
-        let writes = group.iter().map(|w| write(&shared.applier, &key.0, w));
-        if let Err(error) = futures::future::try_join_all(writes).await {
-            // Refused for what the object says (invalid, forbidden, over a quota),
-            // not a transient failure: a person has to act on it.
-            if let Error::Apply {
-                kind,
-                name,
-                source: kube::Error::Api(status),
-            } = &error
-                && matches!(status.code, 400 | 403 | 422)
-            {
-                report_apply_failed(md, kind, name, &status.message, shared).await?;
-            }
-            return Err(error);
-        }
-    }
-
-    // Report.
-    if let Some(status) = &decision.status {
-        shared
-            .applier
-            .status::<ModelDeployment>(
+    // Act and report: growth first, then the rest with the status; the writes of
+    // each step go out together.
+    let status = decision
+        .status
+        .as_ref()
+        .map(|status| serde_json::to_value(status).expect("status serialises"));
+    let mut then: Vec<_> = decision
+        .then
+        .iter()
+        .map(|w| futures::future::Either::Left(write(&shared.applier, &key.0, w)))
+        .collect();
+    if let Some(status) = status {
+        then.push(futures::future::Either::Right(
+            shared.applier.status::<ModelDeployment>(
                 Some(&key.0),
                 &key.1,
                 manager::CHILDREN,
-                serde_json::to_value(status).expect("status serialises"),
-            )
-            .await?;
+                status,
+            ),
+        ));
     }
+    let grow = futures::future::try_join_all(
+        decision
+            .grow
+            .iter()
+            .map(|w| write(&shared.applier, &key.0, w)),
+    );
+    let written = match grow.await {
+        Ok(_) => futures::future::try_join_all(then).await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(error) = written {
+        // Refused for what the object says (invalid, forbidden, over a quota), not a
+        // transient failure: a person has to act on it.
+        if let Error::Apply {
+            kind,
+            name,
+            source: kube::Error::Api(status),
+        } = &error
+            && matches!(status.code, 400 | 403 | 422)
+        {
+            report_apply_failed(md, kind, name, &status.message, shared).await?;
+        }
+        return Err(error);
+    }
+    // Events are best effort, and off the reconcile's path.
     let reference = md.object_ref(&());
-    for note in &decision.notes {
-        let type_ = if note.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        };
-        publish(shared, &reference, type_, note.reason, note.message.clone()).await;
-    }
+    let notes = decision.notes.clone();
+    let publisher = shared.clone();
+    tokio::spawn(async move {
+        for note in notes {
+            let type_ = if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(&publisher, &reference, type_, note.reason, note.message).await;
+        }
+    });
     match decision.failover {
         decide::Failover::Unchanged => {}
         decide::Failover::Started(since) => {

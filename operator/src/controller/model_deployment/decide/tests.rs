@@ -170,10 +170,19 @@ fn the_first_pass_writes_every_child_growth_first_and_the_status() {
         "both pools grow from nothing, under the 60% cap"
     );
     assert!(
-        d.grow.iter().all(|w| matches!(w, Write::Deployment(_))),
-        "growth first, and only Deployments"
+        matches!(
+            d.grow[..],
+            [
+                Write::Deployment(_),
+                Write::Deployment(_),
+                Write::Service(_),
+                Write::Budget(_)
+            ]
+        ),
+        "growth first, with the Service and budget: {:?}",
+        d.grow
     );
-    assert!(matches!(d.then[..], [Write::Service(_), Write::Budget(_)]));
+    assert!(d.then.is_empty(), "nothing shrinks: {:?}", d.then);
     let status = d.status.as_ref().expect("a first status");
     assert_eq!(status.replicas, Some(4));
     assert_eq!(status.ready_replicas, Some(0));
