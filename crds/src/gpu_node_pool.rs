@@ -312,4 +312,11 @@ impl GpuNodePool {
             _ => BTreeMap::from([(POOL_LABEL.to_string(), self.name_any())]),
         }
     }
+
+    /// Whether a Node with these labels belongs to this pool.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector()
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    }
 }

@@ -29,9 +29,27 @@ pub struct NodeFacts {
     /// GPUs requested on this node, by the ModelDeployment that placed the pod
     /// (`None` for other workloads).
     pub used: Vec<(Option<Key>, u32)>,
+    /// `spec.providerID`: the cloud instance behind it.
+    pub provider_id: Option<String>,
+    /// Cordoned by the scaler to be returned (`outrigger.dev/scale-down`).
+    pub cordoned: bool,
 }
 
 impl NodeFacts {
+    /// No ModelDeployment replica runs here.
+    pub fn runs_no_replica(&self) -> bool {
+        self.used.iter().all(|(owner, _)| owner.is_none())
+    }
+
+    /// GPUs that other workloads (not ModelDeployments) request here.
+    pub fn others_gpus(&self) -> u32 {
+        self.used
+            .iter()
+            .filter(|(owner, _)| owner.is_none())
+            .map(|(_, g)| g)
+            .sum()
+    }
+
     /// When the node stopped counting; `None` while Ready or booting.
     pub fn lost_since(&self) -> Option<Timestamp> {
         match self.readiness {
@@ -150,6 +168,74 @@ fn spec_gpus(spec: &k8s_openapi::api::core::v1::PodSpec) -> u32 {
         .sum()
 }
 
+/// What a Node says, as far as Outrigger reads it. The inventory is built from it,
+/// and a Node's change is told to the controllers only when it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeReport {
+    pub labels: BTreeMap<String, String>,
+    pub reported: Reported,
+    pub allocatable: u32,
+    pub provider_id: Option<String>,
+    pub cordoned: bool,
+}
+
+impl NodeReport {
+    pub fn of(node: &Node) -> NodeReport {
+        NodeReport {
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            reported: reported(node),
+            allocatable: gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref())),
+            provider_id: node.spec.as_ref().and_then(|s| s.provider_id.clone()),
+            cordoned: node
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(labels::SCALE_DOWN)),
+        }
+    }
+}
+
+/// What a Pod says, as far as Outrigger reads it: where it runs, for whom, and the
+/// GPUs it holds. `None` for a pod that holds nothing (not bound, or finished).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PodReport {
+    pub node: String,
+    pub owner: Option<Key>,
+    pub pool: Option<String>,
+    pub gpus: u32,
+}
+
+impl PodReport {
+    pub fn of(pod: &Pod) -> Option<PodReport> {
+        let node = pod.spec.as_ref()?.node_name.clone()?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let labels_ = pod.metadata.labels.as_ref();
+        Some(PodReport {
+            node,
+            owner: owner_of(labels_, pod.metadata.namespace.as_ref()),
+            pool: labels_.and_then(|l| l.get(labels::POOL)).cloned(),
+            gpus: pod_gpus(pod),
+        })
+    }
+}
+
+/// What placement reads of a GpuNodePool: its spec and the typed facts of its
+/// status (lost since, recovered at, capacity backoff), never its counts or words.
+pub fn pool_report(pool: &GpuNodePool) -> impl std::hash::Hash + '_ {
+    let status = pool.status.as_ref();
+    (
+        serde_json::to_string(&pool.spec).unwrap_or_default(),
+        status.and_then(|s| s.lost_since.as_ref()).map(|t| t.0),
+        status.and_then(|s| s.recovered_at.as_ref()).map(|t| t.0),
+        status
+            .and_then(|s| s.capacity_backoff.as_ref())
+            .map(|b| serde_json::to_string(b).unwrap_or_default()),
+    )
+}
+
 /// The ModelDeployment an object of Outrigger's belongs to, from its labels.
 pub fn owner_of(
     labels_: Option<&BTreeMap<String, String>>,
@@ -254,23 +340,20 @@ impl Inventory {
     ) -> Inventory {
         clock.retain(nodes);
         pools.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let selectors: Vec<BTreeMap<String, String>> =
-            pools.iter().map(|p| p.node_selector()).collect();
         let mut by_name = BTreeMap::new();
         let mut facts: Vec<NodeFacts> = nodes
             .iter()
             .map(|node| {
-                let node_labels = node.metadata.labels.clone().unwrap_or_default();
-                let pool = selectors
-                    .iter()
-                    .position(|sel| sel.iter().all(|(k, v)| node_labels.get(k) == Some(v)));
+                let report = NodeReport::of(node);
                 let name = node.metadata.name.clone().unwrap_or_default();
                 NodeFacts {
-                    readiness: clock.readiness(&name, reported(node), now),
+                    readiness: clock.readiness(&name, report.reported, now),
+                    pool: pools.iter().position(|p| p.selects(&report.labels)),
                     name,
-                    pool,
-                    allocatable: gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref())),
+                    allocatable: report.allocatable,
                     used: Vec::new(),
+                    provider_id: report.provider_id,
+                    cordoned: report.cordoned,
                 }
             })
             .collect();
@@ -279,29 +362,12 @@ impl Inventory {
             by_name.insert(n.name.clone(), i);
         }
         let mut scheduled: BTreeMap<(Key, String), u32> = BTreeMap::new();
-        for pod in pods {
-            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) else {
-                continue;
-            };
-            let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            if matches!(phase, Some("Succeeded" | "Failed")) {
-                continue;
-            }
-            let owner = owner_of(
-                pod.metadata.labels.as_ref(),
-                pod.metadata.namespace.as_ref(),
-            );
-            if let (Some(owner), Some(pool)) = (
-                &owner,
-                pod.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(labels::POOL)),
-            ) {
+        for pod in pods.iter().filter_map(|p| PodReport::of(p)) {
+            if let (Some(owner), Some(pool)) = (&pod.owner, &pod.pool) {
                 *scheduled.entry((owner.clone(), pool.clone())).or_default() += 1;
             }
-            if let Some(&i) = by_name.get(node) {
-                facts[i].used.push((owner, pod_gpus(pod)));
+            if let Some(&i) = by_name.get(&pod.node) {
+                facts[i].used.push((pod.owner, pod.gpus));
             }
         }
         let children = deployments

@@ -14,6 +14,8 @@ pub const APPLIED_HASH: &str = "outrigger.dev/applied-hash";
 pub const GPU: &str = "nvidia.com/gpu";
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "outrigger";
+/// On a Node the scaler cordoned to return it; an admin's cordon is left alone.
+pub const SCALE_DOWN: &str = "outrigger.dev/scale-down";
 /// The taint the node lifecycle controller puts on an unreachable node.
 pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 /// Pool Ready reason once its nodes are back after being lost: replicas return

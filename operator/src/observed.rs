@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::controller::scaler::SCALE_DOWN_ANNOTATION;
 use crate::labels;
 
 /// Name, namespace, labels, creation time and the annotations in `keep`.
@@ -56,7 +55,7 @@ pub fn pod(pod: &mut Pod) {
 /// conditions (readiness), taints (unreachable), providerID (its instance) and
 /// allocatable GPUs.
 pub fn node(node: &mut Node) {
-    meta(&mut node.metadata, &[SCALE_DOWN_ANNOTATION]);
+    meta(&mut node.metadata, &[labels::SCALE_DOWN]);
     node.spec = node.spec.take().map(|s| NodeSpec {
         provider_id: s.provider_id,
         taints: s.taints,
@@ -141,7 +140,7 @@ mod tests {
     fn a_node_keeps_readiness_taints_instance_gpus_and_the_cordon_mark() {
         let mut n: Node = serde_json::from_value(json!({
             "metadata": {"name": "n0", "labels": {"outrigger.dev/pool": "aws-a"},
-                "annotations": {SCALE_DOWN_ANNOTATION: "t", "kwok.x-k8s.io/node": "fake"}},
+                "annotations": {labels::SCALE_DOWN: "t", "kwok.x-k8s.io/node": "fake"}},
             "spec": {"providerID": "aws:///us-east-1a/i-1", "podCIDR": "10.0.0.0/24",
                 "taints": [{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]},
             "status": {"conditions": [{"type": "Ready", "status": "True"},
@@ -160,6 +159,6 @@ mod tests {
         assert_eq!(crate::inventory::gpus_of(status.allocatable.as_ref()), 8);
         assert!(status.images.is_none());
         let annotations = n.metadata.annotations.as_ref().unwrap();
-        assert!(annotations.contains_key(SCALE_DOWN_ANNOTATION) && annotations.len() == 1);
+        assert!(annotations.contains_key(labels::SCALE_DOWN) && annotations.len() == 1);
     }
 }

@@ -386,11 +386,7 @@ fn pools_of(meta: &kube::core::ObjectMeta, pools: &Store<GpuNodePool>) -> Vec<St
     pools
         .state()
         .iter()
-        .filter(|p| {
-            p.node_selector()
-                .iter()
-                .all(|(k, v)| labels_.get(k) == Some(v))
-        })
+        .filter(|p| p.selects(&labels_))
         .filter_map(|p| p.metadata.name.clone())
         .collect()
 }
@@ -401,43 +397,21 @@ fn hash_of<T: Hash>(value: T) -> u64 {
     h.finish()
 }
 
-/// What placement sees of a node: its labels, readiness, taints and GPUs.
+/// A node changes what the controllers see when its report does.
 fn node_fingerprint(node: &Node) -> u64 {
-    let taints: Vec<String> = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .map(|ts| {
-            ts.iter()
-                .map(|t| format!("{}={:?}:{}", t.key, t.value, t.effect))
-                .collect()
-        })
-        .unwrap_or_default();
-    let readiness = inventory::reported(node);
-    let gpus = inventory::gpus_of(node.status.as_ref().and_then(|s| s.allocatable.as_ref()));
-    hash_of((&node.metadata.labels, taints, readiness, gpus))
+    hash_of(inventory::NodeReport::of(node))
 }
 
-/// What placement sees of a pod: where it runs and the GPUs it holds.
+/// A pod changes what the controllers see when its report does (where it runs,
+/// for whom, its GPUs).
 fn pod_fingerprint(pod: &Pod) -> u64 {
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-    hash_of((node, phase, inventory::pod_gpus(pod)))
+    hash_of(inventory::PodReport::of(pod))
 }
 
-/// A pool's spec and its conditions matter (Ready, CapacityAvailable); its counts,
-/// which change with every pod, do not.
+/// A pool changes plans when its spec or the typed facts of its status do; its
+/// counts, which change with every pod, do not.
 fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
-    let conditions: Vec<(&str, &str, &str)> = pool
-        .status
-        .iter()
-        .flat_map(|s| &s.conditions)
-        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
-        .collect();
-    hash_of((
-        serde_json::to_string(&pool.spec).unwrap_or_default(),
-        conditions,
-    ))
+    hash_of(inventory::pool_report(pool))
 }
 
 /// Turns the names of pools whose nodes changed into the ModelDeployments they

@@ -118,15 +118,7 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
     let mut bins: Vec<(u32, bool)> = inventory
         .nodes_in(pool)
         .filter(|n| n.readiness == Readiness::Ready)
-        .map(|n| {
-            let others: u32 = n
-                .used
-                .iter()
-                .filter(|(owner, _)| owner.is_none())
-                .map(|(_, g)| g)
-                .sum();
-            (n.allocatable.saturating_sub(others), false)
-        })
+        .map(|n| (n.allocatable.saturating_sub(n.others_gpus()), false))
         .collect();
     for gpus in replicas {
         match bins.iter_mut().find(|(free, _)| *free >= gpus) {

@@ -24,15 +24,13 @@ use tokio::sync::Mutex;
 use super::apply::manager;
 use super::{Context, Error};
 use crate::cloud::{CloudError, CloudProvider, Instance, Launch, Target};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, NodeFacts};
 use crate::scaling::{self, Backoff, NodeSeat};
-use crate::status;
+use crate::{labels, status};
 
 pub const CONTROLLER: &str = "scaler";
 /// On every pool with `scaling`: its instances are released before it goes.
 pub const FINALIZER: &str = "outrigger.dev/cloud-instances";
-/// On a Node the scaler cordoned to return it; an admin's cordon is left alone.
-pub const SCALE_DOWN_ANNOTATION: &str = "outrigger.dev/scale-down";
 /// Look again this often with nothing pending.
 const RECHECK: Duration = Duration::from_secs(60);
 /// While instances boot or nodes drain: often enough to notice within seconds.
@@ -214,7 +212,7 @@ pub struct Steps {
     pub due: Vec<Timestamp>,
 }
 
-/// Decides a pass over pool `index` of `inventory`, given the cloud's `instances`,
+/// Decides a pass over pool `index` of `inventory` (its nodes), given the cloud's `instances`,
 /// what the scaler last wrote, and the time. Updates `memory`'s clocks (empty since,
 /// first seen), and nothing else: no I/O.
 #[allow(clippy::too_many_arguments)]
@@ -222,7 +220,6 @@ pub fn decide(
     pool: &GpuNodePool,
     inventory: &Inventory,
     index: usize,
-    nodes: &[Arc<Node>],
     instances: &[Instance],
     before: &Written,
     memory: &mut Memory,
@@ -251,37 +248,28 @@ pub fn decide(
 
     // Nodes of live instances only: a node whose instance is already going is
     // neither kept nor returned again.
+    let nodes: Vec<&NodeFacts> = inventory.nodes_in(index).collect();
     let node_instances: BTreeMap<String, String> = nodes
         .iter()
         .filter_map(|n| {
-            let provider_id = n.spec.as_ref()?.provider_id.as_deref()?;
+            let provider_id = n.provider_id.as_deref()?;
             let instance = scaling::instance_of(provider_id, instances).filter(|i| i.live())?;
-            Some((n.name_any(), instance.id.clone()))
-        })
-        .collect();
-    let facts: BTreeMap<&str, bool> = inventory
-        .nodes_in(index)
-        .map(|f| {
-            (
-                f.name.as_str(),
-                f.used.iter().all(|(owner, _)| owner.is_none()),
-            )
+            Some((n.name.clone(), instance.id.clone()))
         })
         .collect();
     let mut seats = Vec::new();
     for n in nodes {
-        let node_name = n.name_any();
-        let empty = facts.get(node_name.as_str()).copied().unwrap_or(true);
+        let empty = n.runs_no_replica();
         let empty_since = if empty {
-            Some(*memory.empty_since.entry(node_name.clone()).or_insert(now))
+            Some(*memory.empty_since.entry(n.name.clone()).or_insert(now))
         } else {
-            memory.empty_since.remove(&node_name);
+            memory.empty_since.remove(&n.name);
             None
         };
         seats.push(NodeSeat {
-            cordoned: n.annotations().contains_key(SCALE_DOWN_ANNOTATION),
-            instance: node_instances.get(&node_name).cloned(),
-            name: node_name,
+            cordoned: n.cordoned,
+            instance: node_instances.get(&n.name).cloned(),
+            name: n.name.clone(),
             empty,
             empty_since,
         });
@@ -437,19 +425,10 @@ async fn apply(
         Ok(found) => found,
         Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
     };
-    let selector = pool.node_selector();
-    let nodes: Vec<Arc<Node>> = shared
-        .stores
-        .nodes
-        .state()
-        .into_iter()
-        .filter(|n| selector.iter().all(|(k, v)| n.labels().get(k) == Some(v)))
-        .collect();
     let steps = decide(
         &pool,
         &inventory,
         index,
-        &nodes,
         &instances,
         &before,
         &mut *ctx.memory.lock().await,
@@ -663,10 +642,10 @@ async fn write_status(
 /// Cordons a node for removal (marking it as ours), or uncordons one we cordoned.
 async fn cordon(ctx: &Context, node: &str, on: bool) -> Result<(), Error> {
     let patch = if on {
-        serde_json::json!({"metadata": {"annotations": {SCALE_DOWN_ANNOTATION: ctx.now().to_string()}},
+        serde_json::json!({"metadata": {"annotations": {labels::SCALE_DOWN: ctx.now().to_string()}},
                            "spec": {"unschedulable": true}})
     } else {
-        serde_json::json!({"metadata": {"annotations": {SCALE_DOWN_ANNOTATION: null}},
+        serde_json::json!({"metadata": {"annotations": {labels::SCALE_DOWN: null}},
                            "spec": {"unschedulable": null}})
     };
     // A Node that is gone: its instance went and the registrar or the cloud

@@ -31,6 +31,8 @@ fn node(name: &str, allocatable: u32, used: Vec<(Option<(&str, &str)>, u32)>) ->
             .into_iter()
             .map(|(o, g)| (o.map(|(ns, n)| (ns.to_string(), n.to_string())), g))
             .collect(),
+        provider_id: None,
+        cordoned: false,
     }
 }
 

@@ -57,6 +57,8 @@ fn ready_node(name: &str, pool: usize) -> NodeFacts {
         readiness: Readiness::Ready,
         allocatable: 8,
         used: Vec::new(),
+        provider_id: None,
+        cordoned: false,
     }
 }
 
