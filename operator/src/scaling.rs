@@ -10,7 +10,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use outrigger_crds::{CapacityBackoff, GpuNodePool, Offering};
 
 use crate::cloud::{CloudError, Instance};
-use crate::inventory::{Inventory, Readiness};
+use crate::observe::inventory::{Inventory, Readiness};
 
 /// The default first backoff after a capacity or quota error (`--capacity-backoff-seconds`):
 /// long enough that a few reconciles do not hammer an offering that just said no,

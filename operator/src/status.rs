@@ -83,14 +83,10 @@ pub fn desired(
     let ready_i = i32::try_from(ready).unwrap_or(i32::MAX);
     let all_ready = ready_i >= wanted && plan.unplaced == 0;
     let rule_lines: Vec<&str> = plan
-        .explanation
+        .rules
         .iter()
+        .chain(&plan.unplaced_reason)
         .map(String::as_str)
-        .filter(|l| {
-            l.starts_with("spread by")
-                || l.contains("unplaced")
-                || l.starts_with("whenUnsatisfiable")
-        })
         .collect();
     let diversified_message = if rule_lines.is_empty() {
         "no spread rules".to_string()
@@ -117,9 +113,8 @@ pub fn desired(
                 "{} of {wanted} replicas have no pool; {ready} ready{}",
                 plan.unplaced,
                 // The solver's own words for why: which pools are not eligible or full.
-                plan.explanation
-                    .iter()
-                    .find(|l| l.contains(" unplaced: "))
+                plan.unplaced_reason
+                    .as_ref()
                     .map(|l| format!(" ({l})"))
                     .unwrap_or_default()
             ),

@@ -84,7 +84,7 @@ const USED: &[Use] = &[
         resource: "nodes",
         verbs: &["list", "watch"],
         file: "run.rs",
-        code: "mirror( Api::all(client.clone()), watcher::Config::default(), observed::node,",
+        code: "mirror( Api::all(client.clone()), watcher::Config::default(), trim::node,",
     },
     Use {
         scope: Scope::Cluster,

@@ -32,13 +32,22 @@ fn plural(n: u32, one: &str) -> String {
     }
 }
 
+/// A plan's words: every line, and apart the ones a status condition repeats.
+pub(crate) struct Explanation {
+    pub lines: Vec<String>,
+    /// One line per spread rule, and the DoNotSchedule line when it applies.
+    pub rules: Vec<String>,
+    /// Why replicas are unplaced, when some are.
+    pub unplaced: Option<String>,
+}
+
 pub(crate) fn explain(
     problem: &Problem,
     request: &Request,
     pools: &[Pool],
     attempt: &[u32],
     x: &[u32],
-) -> Vec<String> {
+) -> Explanation {
     let g = request.gpus_per_replica;
     let r = request.replicas;
     let placed: u32 = x.iter().sum();
@@ -46,15 +55,17 @@ pub(crate) fn explain(
     if r == 0 {
         lines.push("replicas is 0: nothing to place".to_string());
     }
+    let mut rules = Vec::new();
     if problem.dns && placed == 0 && attempt.iter().any(|&n| n > 0) {
-        lines.push(
+        rules.push(
             "whenUnsatisfiable is DoNotSchedule and the spread rules cannot all hold, so nothing is placed"
                 .to_string(),
         );
     }
     for rule in &request.spread {
-        lines.push(rule_line(problem, pools, rule, r, attempt, g));
+        rules.push(rule_line(problem, pools, rule, r, attempt, g));
     }
+    lines.extend(rules.iter().cloned());
 
     let held: Vec<Vec<u32>> = Level::ALL.iter().map(|&l| problem.held(l, x)).collect();
     for (facts, &n) in problem.pools.iter().zip(x) {
@@ -117,19 +128,24 @@ pub(crate) fn explain(
         };
         lines.push(line);
     }
-    if placed < r {
+    let unplaced = (placed < r).then(|| {
         let capacity = problem
             .pools
             .iter()
             .fold(0u32, |sum, p| sum.saturating_add(p.capacity));
-        lines.push(format!(
+        format!(
             "{} of {r} unplaced: eligible pools have room for {}{}",
             r - placed,
             plural(capacity.min(r), "replica"),
             blocked_pools(problem, pools, g),
-        ));
+        )
+    });
+    lines.extend(unplaced.iter().cloned());
+    Explanation {
+        lines,
+        rules,
+        unplaced,
     }
-    lines
 }
 
 /// How many pools the unplaced line names before it points at `outrigger plan`.

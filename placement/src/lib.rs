@@ -90,6 +90,7 @@ fn finish(
         .fold(0u32, |sum, p| sum.saturating_add(p.current));
     let kept = problem.kept(&x) as u32;
     let diversified = problem.excess(&x) == 0 && problem.missing(&x) == 0;
+    let words = explain::explain(problem, request, pools, attempt, &x);
     Plan {
         placements,
         placed,
@@ -98,7 +99,9 @@ fn finish(
         satisfied: diversified && placed == request.replicas,
         moved: current.min(placed) - kept,
         cost_per_hour: (cost * 1e4).round() / 1e4,
-        explanation: explain::explain(problem, request, pools, attempt, &x),
+        explanation: words.lines,
+        rules: words.rules,
+        unplaced_reason: words.unplaced,
         score: problem.score(&x, true),
     }
 }

@@ -226,6 +226,11 @@ pub struct Plan {
     pub cost_per_hour: f64,
     /// Why each pool got its count, and what would fix a rule that is not met.
     pub explanation: Vec<String>,
+    /// Of the explanation, the lines about the spread rules (one per rule, and the
+    /// DoNotSchedule line when it applies).
+    pub rules: Vec<String>,
+    /// Of the explanation, why replicas are unplaced, when some are.
+    pub unplaced_reason: Option<String>,
     /// The objective the plan minimises, lexicographically; equal scores are equally good.
     pub score: Vec<i64>,
 }

@@ -14,7 +14,7 @@ use kube::runtime::reflector::Store;
 use outrigger_crds::GpuNodePool;
 
 use crate::cloud::{CloudError, Clouds};
-use crate::inventory::{Inventory, LostClock};
+use crate::observe::inventory::{Inventory, LostClock};
 use crate::telemetry::Metrics;
 
 pub mod apply;

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use super::apply::manager;
 use super::{Context, Error};
 use crate::cloud::{CloudError, CloudProvider, Instance, Launch, Target};
-use crate::inventory::{Inventory, NodeFacts};
+use crate::observe::inventory::{Inventory, NodeFacts};
 use crate::scaling::{self, Backoff, NodeSeat};
 use crate::{labels, status};
 

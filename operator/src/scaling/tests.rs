@@ -7,7 +7,7 @@ use outrigger_crds::GpuNodePool;
 
 use super::*;
 use crate::cloud::{ErrorKind, InstanceState};
-use crate::inventory::{Child, NodeFacts, Readiness};
+use crate::observe::inventory::{Child, NodeFacts, Readiness};
 
 fn pool(gpus: u32) -> Arc<GpuNodePool> {
     Arc::new(

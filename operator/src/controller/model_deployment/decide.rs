@@ -13,7 +13,7 @@ use outrigger_crds::{ModelDeployment, ModelDeploymentStatus, condition};
 use outrigger_placement as placement;
 
 use crate::controller::apply::{applied_hash, without_nulls};
-use crate::inventory::{Health, Inventory, Key, View};
+use crate::observe::inventory::{Health, Inventory, Key, View};
 use crate::telemetry::ReplicaLabels;
 use crate::{children, status};
 

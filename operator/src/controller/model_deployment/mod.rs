@@ -20,7 +20,7 @@ use tokio::sync::Mutex;
 
 use super::apply::{Applier, applied_hash, manager};
 use super::{Context, Error, Stores};
-use crate::inventory::{Inventory, Key};
+use crate::observe::inventory::{Inventory, Key};
 use crate::{inputs, labels, status, validate};
 
 pub mod decide;

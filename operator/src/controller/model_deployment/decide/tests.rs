@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::*;
 use crate::inputs;
-use crate::inventory::{Child, NodeFacts, Readiness};
+use crate::observe::inventory::{Child, NodeFacts, Readiness};
 
 fn at(t: &str) -> Timestamp {
     t.parse().unwrap()
@@ -292,6 +292,8 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
         moved: 0,
         cost_per_hour: 0.0,
         explanation: Vec::new(),
+        rules: Vec::new(),
+        unplaced_reason: None,
         score: Vec::new(),
     };
     let current = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)]);

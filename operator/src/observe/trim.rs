@@ -120,7 +120,7 @@ mod tests {
         }))
         .unwrap();
         pod(&mut p);
-        assert_eq!(crate::inventory::pod_gpus(&p), 4);
+        assert_eq!(crate::observe::inventory::pod_gpus(&p), 4);
         assert_eq!(
             p.spec.as_ref().and_then(|s| s.node_name.as_deref()),
             Some("n0")
@@ -156,7 +156,10 @@ mod tests {
         assert!(spec.pod_cidr.is_none());
         let status = n.status.as_ref().unwrap();
         assert_eq!(status.conditions.as_ref().map(Vec::len), Some(1));
-        assert_eq!(crate::inventory::gpus_of(status.allocatable.as_ref()), 8);
+        assert_eq!(
+            crate::observe::inventory::gpus_of(status.allocatable.as_ref()),
+            8
+        );
         assert!(status.images.is_none());
         let annotations = n.metadata.annotations.as_ref().unwrap();
         assert!(annotations.contains_key(labels::SCALE_DOWN) && annotations.len() == 1);

@@ -1,0 +1,217 @@
+//! Watches: reflectors whose objects are trimmed (`trim`) before they are stored,
+//! and the changes they tell. A change is told only when what Outrigger reads of
+//! the object (its report, `inventory::NodeReport` and friends) changed; a node's
+//! change names its pools, and `route` turns those into the ModelDeployments they
+//! concern.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::channel::mpsc;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::Resource;
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use outrigger_crds::{GpuNodePool, ModelDeployment};
+use tokio::sync::watch;
+
+use super::inventory;
+use crate::controller::model_deployment;
+
+/// A ModelDeployment as its controller names it.
+pub type MdRef = ObjectRef<DeserializeGuard<ModelDeployment>>;
+
+/// Whom a reflector tells about changes, once its store holds them (a trigger from
+/// a watch of its own could arrive before the store has the change, and a reconcile
+/// would then act on the old object with nothing to trigger it again). Every
+/// reflector the inventory reads also bumps the stores' generation.
+pub enum Notify<K> {
+    Nobody,
+    /// Poke everyone listening on the channel when an object's fingerprint (what
+    /// placement sees of it) changes, or an object goes.
+    Fingerprint(watch::Sender<u64>, fn(&K) -> u64),
+    /// Name the pools a node belongs to (before and after) when its fingerprint
+    /// changes, and poke the channel too.
+    Pools(
+        watch::Sender<u64>,
+        fn(&K) -> u64,
+        mpsc::UnboundedSender<String>,
+        Store<GpuNodePool>,
+    ),
+    /// Hand every changed or deleted object's owning ModelDeployment to its controller.
+    Owner(mpsc::UnboundedSender<MdRef>),
+}
+
+/// A reflector whose store the controllers read, kept current by its own task.
+/// `keep` drops what no controller reads before an object is stored (`trim`).
+pub fn mirror<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    keep: fn(&mut K),
+    notify: Notify<K>,
+    generation: Option<Arc<AtomicU64>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
+    tokio::spawn(async move {
+        let mut seen: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if event.is_ok()
+                && let Some(generation) = &generation
+            {
+                generation.fetch_add(1, Ordering::Release);
+            }
+            let (obj, deleted) = match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => (obj, false),
+                Ok(watcher::Event::Delete(obj)) => (obj, true),
+                Ok(watcher::Event::InitDone) => {
+                    if let Notify::Fingerprint(sender, _) | Notify::Pools(sender, _, _, _) = &notify
+                    {
+                        sender.send_modify(|n| *n += 1);
+                    }
+                    continue;
+                }
+                Ok(watcher::Event::Init) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch failed; retrying with backoff");
+                    continue;
+                }
+            };
+            match &notify {
+                Notify::Nobody => {}
+                Notify::Fingerprint(sender, fingerprint) => {
+                    let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
+                    let changed = if deleted {
+                        seen.remove(&key);
+                        true
+                    } else {
+                        let print = fingerprint(&obj);
+                        seen.insert(key, (print, Vec::new())).map(|s| s.0) != Some(print)
+                    };
+                    if changed {
+                        sender.send_modify(|n| *n += 1);
+                    }
+                }
+                Notify::Pools(sender, fingerprint, pools_changed, pools) => {
+                    let key = obj.meta().name.clone().unwrap_or_default();
+                    let before = if deleted {
+                        seen.remove(&key)
+                    } else {
+                        let now = (fingerprint(&obj), pools_of(obj.meta(), pools));
+                        match seen.insert(key, now.clone()) {
+                            Some(before) if before.0 == now.0 => continue,
+                            Some((_, mut before)) => {
+                                before.extend(now.1);
+                                Some((now.0, before))
+                            }
+                            None => Some(now),
+                        }
+                    };
+                    for pool in before.map(|b| b.1).unwrap_or_default() {
+                        let _ = pools_changed.unbounded_send(pool);
+                    }
+                    sender.send_modify(|n| *n += 1);
+                }
+                Notify::Owner(sender) => {
+                    let meta = obj.meta();
+                    if let Some((ns, name)) =
+                        inventory::owner_of(meta.labels.as_ref(), meta.namespace.as_ref())
+                    {
+                        // The receiver lives as long as the controllers.
+                        let _ = sender.unbounded_send(MdRef::new(&name).within(&ns));
+                    }
+                }
+            }
+        }
+    });
+    reader
+}
+
+/// The pools whose node selector an object's labels match.
+fn pools_of(meta: &kube::core::ObjectMeta, pools: &Store<GpuNodePool>) -> Vec<String> {
+    let labels_ = meta.labels.clone().unwrap_or_default();
+    pools
+        .state()
+        .iter()
+        .filter(|p| p.selects(&labels_))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
+fn hash_of<T: Hash>(value: T) -> u64 {
+    let mut h = DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// A node changes what the controllers see when its report does.
+pub fn node_fingerprint(node: &Node) -> u64 {
+    hash_of(inventory::NodeReport::of(node))
+}
+
+/// A pod changes what the controllers see when its report does (where it runs,
+/// for whom, its GPUs).
+pub fn pod_fingerprint(pod: &Pod) -> u64 {
+    hash_of(inventory::PodReport::of(pod))
+}
+
+/// A pool changes plans when its spec or the typed facts of its status do; its
+/// counts, which change with every pod, do not.
+pub fn pool_fingerprint(pool: &GpuNodePool) -> u64 {
+    hash_of(inventory::pool_report(pool))
+}
+
+/// Turns the names of pools whose nodes changed into the ModelDeployments they
+/// concern: those the pool was eligible for when last planned, and those with
+/// replicas on it. A pool's own changes (spec, conditions) still trigger every
+/// ModelDeployment, and the plan cache skips the ones they do not change.
+pub async fn route(
+    mut pools: mpsc::UnboundedReceiver<String>,
+    to: mpsc::UnboundedSender<MdRef>,
+    ctx: Arc<model_deployment::Ctx>,
+) {
+    while let Some(first) = pools.next().await {
+        let mut names = std::collections::BTreeSet::from([first]);
+        // Whatever else is queued joins this round.
+        while let Ok(more) = pools.try_recv() {
+            names.insert(more);
+        }
+        let inventory = ctx.shared.stores.inventory(ctx.shared.now());
+        let mut keys = std::collections::BTreeSet::new();
+        {
+            let plans = ctx.plans.lock().await;
+            for name in &names {
+                keys.extend(plans.interested(name));
+                keys.extend(inventory.children_in(name).map(|c| c.owner.clone()));
+            }
+        }
+        for (ns, name) in keys {
+            if to.unbounded_send(MdRef::new(&name).within(&ns)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A stream that yields once per change of `rx`, coalescing bursts.
+pub fn pokes(rx: watch::Receiver<u64>) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
