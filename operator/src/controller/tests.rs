@@ -193,7 +193,7 @@ async fn reconcile_md(ctx: &Arc<model_deployment::Ctx>, md: &ModelDeployment) {
 }
 
 #[tokio::test]
-async fn the_first_placement_writes_its_children_growth_first_then_the_status() {
+async fn the_first_placement_writes_its_children_and_status_in_one_step() {
     let (client, seen) = api_server(json!({}));
     let hands = Hands::at("2026-01-01T00:00:00Z");
     // Two scalable pools with no nodes yet: the plan grows both.
@@ -217,20 +217,21 @@ async fn the_first_placement_writes_its_children_growth_first_then_the_status() 
         .cloned()
         .collect();
     let order: Vec<String> = writes.iter().map(Seen::describe).collect();
-    // The first step, together: both Deployments and the budget (no Service is
-    // asked for); then the status, once they are applied.
-    let mut first: Vec<&str> = order[..3]
+    // One step, together: both Deployments, the budget (no Service is asked
+    // for) and the status; nothing shrinks, so nothing waits.
+    let mut first: Vec<&str> = order[..4]
         .iter()
-        .map(|p| p.rsplit('/').nth(1).unwrap())
+        .map(|p| p.trim_end_matches("/status").rsplit('/').nth(1).unwrap())
         .collect();
     first.sort_unstable();
     assert_eq!(
         first,
-        ["deployments", "deployments", "poddisruptionbudgets"],
-        "{order:?}"
-    );
-    assert!(
-        order[3].ends_with("/modeldeployments/llm/status"),
+        [
+            "deployments",
+            "deployments",
+            "modeldeployments",
+            "poddisruptionbudgets"
+        ],
         "{order:?}"
     );
     assert!(
@@ -239,7 +240,7 @@ async fn the_first_placement_writes_its_children_growth_first_then_the_status() 
             .all(|s| s.content_type.starts_with("application/apply-patch")),
         "server-side apply"
     );
-    let replicas: Vec<i64> = writes[..3]
+    let replicas: Vec<i64> = writes[..4]
         .iter()
         .filter(|s| s.path.contains("/deployments/"))
         .map(|s| s.body["spec"]["replicas"].as_i64().unwrap())

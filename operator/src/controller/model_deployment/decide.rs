@@ -63,10 +63,11 @@ pub enum Failover {
 /// Everything one pass does.
 #[derive(Debug, Clone)]
 pub struct Decision {
-    /// Applied first, together: the pools that grow, so replacements exist before
-    /// anything shrinks, and the Service and budget, which shrink nothing.
+    /// Applied first, together with the status: the pools that grow, so
+    /// replacements exist before anything shrinks, and the Service and budget,
+    /// which shrink nothing.
     pub grow: Vec<Write>,
-    /// Then, together with the status: pools that keep or shrink, and deletes.
+    /// Then, together: pools that keep or shrink, and deletes.
     pub then: Vec<Write>,
     /// The status, when it differs from what the object has.
     pub status: Option<ModelDeploymentStatus>,

@@ -26,6 +26,8 @@ use crate::{inputs, labels, status, validate};
 pub mod decide;
 
 pub const CONTROLLER: &str = "modeldeployment";
+/// The `Ready` reason of a ModelDeployment whose child the API server refused.
+const APPLY_FAILED: &str = "ApplyFailed";
 
 /// The ModelDeployment controller's own state, beside what all controllers share.
 pub struct Ctx {
@@ -155,37 +157,52 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
 
     tracing::debug!(writes = decision.writes(), "decided");
 
-    // Act and report: growth first, then the rest with the status; the writes of
-    // each step go out together.
+    // Act and report: the growing pools, the Service, the budget and the status go
+    // out together; the pools that shrink, and deletes, once those are applied
+    // (make before break). A pass that shrinks nothing is one round trip. After a
+    // refused apply the status waits for the children, so a pass that is refused
+    // again never overwrites the ApplyFailed condition with its own.
+    let refused_before = md.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == condition::READY && c.reason == APPLY_FAILED)
+    });
     let status = decision
         .status
         .as_ref()
         .map(|status| serde_json::to_value(status).expect("status serialises"));
-    let mut then: Vec<_> = decision
-        .then
+    let status_write = status.map(|status| {
+        shared
+            .applier
+            .status::<ModelDeployment>(Some(&key.0), &key.1, manager::CHILDREN, status)
+    });
+    let mut first: Vec<_> = decision
+        .grow
         .iter()
         .map(|w| futures::future::Either::Left(write(&shared.applier, &key.0, w)))
         .collect();
-    if let Some(status) = status {
-        then.push(futures::future::Either::Right(
-            shared.applier.status::<ModelDeployment>(
-                Some(&key.0),
-                &key.1,
-                manager::CHILDREN,
-                status,
-            ),
-        ));
+    let mut last = None;
+    if refused_before {
+        last = status_write;
+    } else {
+        first.extend(status_write.map(futures::future::Either::Right));
     }
-    let grow = futures::future::try_join_all(
-        decision
-            .grow
-            .iter()
-            .map(|w| write(&shared.applier, &key.0, w)),
-    );
-    let written = match grow.await {
-        Ok(_) => futures::future::try_join_all(then).await.map(drop),
-        Err(e) => Err(e),
-    };
+    let then = decision
+        .then
+        .iter()
+        .map(|w| write(&shared.applier, &key.0, w));
+    // Every write of a step finishes (none is dropped in flight) before an error
+    // is looked at, so the ApplyFailed condition is the last word.
+    let all = |results: Vec<Result<(), Error>>| results.into_iter().collect::<Result<(), Error>>();
+    let written = async {
+        all(futures::future::join_all(first).await)?;
+        all(futures::future::join_all(then).await)?;
+        if let Some(status) = last {
+            status.await?;
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
     if let Err(error) = written {
         // Refused for what the object says (invalid, forbidden, over a quota), not a
         // transient failure: a person has to act on it.
@@ -288,7 +305,7 @@ async fn report_apply_failed(
     );
     report_condition(
         &md.metadata,
-        "ApplyFailed",
+        APPLY_FAILED,
         &message,
         md.status.as_ref().map(|s| s.conditions.as_slice()),
         ctx,
