@@ -14,6 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use outrigger_crds::{ModelDeployment, condition};
 use tokio::sync::Mutex;
@@ -250,12 +251,9 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
 /// The children the caches hold for `key`.
 fn existing(key: &Key, inventory: &Inventory, stores: &Stores) -> decide::Existing {
     let (ns, name) = key;
-    let hash_in = |meta: &ObjectMeta| {
-        (meta.namespace.as_ref() == Some(ns)
-            && meta.name.as_ref() == Some(name)
-            && owned_by(meta, name))
-        .then(|| applied_hash(meta).map(str::to_string))
-    };
+    // The Service and budget share the ModelDeployment's name; only ours count.
+    let ours =
+        |meta: &ObjectMeta| owned_by(meta, name).then(|| applied_hash(meta).map(str::to_string));
     decide::Existing {
         deployments: inventory
             .children_of(key)
@@ -263,12 +261,12 @@ fn existing(key: &Key, inventory: &Inventory, stores: &Stores) -> decide::Existi
             .collect(),
         service: stores
             .services
-            .find(|s| hash_in(&s.metadata).is_some())
-            .and_then(|s| hash_in(&s.metadata)),
+            .get(&ObjectRef::new(name).within(ns))
+            .and_then(|s| ours(&s.metadata)),
         budget: stores
             .budgets
-            .find(|b| hash_in(&b.metadata).is_some())
-            .and_then(|b| hash_in(&b.metadata)),
+            .get(&ObjectRef::new(name).within(ns))
+            .and_then(|b| ours(&b.metadata)),
     }
 }
 
