@@ -90,6 +90,9 @@ pub struct Planned {
 pub struct Fleet<K> {
     entries: BTreeMap<K, Entry>,
     eligible: HashMap<String, BTreeSet<K>>,
+    /// Keep each plan's full explanation (its typed `rules` and
+    /// `unplaced_reason` are always kept).
+    explained: bool,
 }
 
 impl<K> Default for Fleet<K> {
@@ -97,6 +100,18 @@ impl<K> Default for Fleet<K> {
         Fleet {
             entries: BTreeMap::new(),
             eligible: HashMap::new(),
+            explained: true,
+        }
+    }
+}
+
+impl<K> Fleet<K> {
+    /// A fleet that keeps its plans without the line-per-pool explanation, for a
+    /// caller that keeps many plans and never shows them whole.
+    pub fn without_explanations() -> Self {
+        Fleet {
+            explained: false,
+            ..Fleet::default()
         }
     }
 }
@@ -113,7 +128,11 @@ impl<K: Ord + Clone> Fleet<K> {
             };
         }
         self.forget(key);
-        let plan = Arc::new(crate::solve(request, pools));
+        let mut plan = crate::solve(request, pools);
+        if !self.explained {
+            plan.explanation = Vec::new();
+        }
+        let plan = Arc::new(plan);
         for pool in &eligible {
             self.eligible
                 .entry((*pool).to_string())

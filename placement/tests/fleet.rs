@@ -80,3 +80,23 @@ fn a_forgotten_deployment_is_no_longer_affected() {
     fleet.forget(&"h100");
     assert!(fleet.affected(&pools[0], &pools[0]).is_empty());
 }
+
+#[test]
+fn a_fleet_without_explanations_keeps_the_typed_words() {
+    let mut pools = vec![pool("aws-h100", "aws", "us-east-1", "H100")];
+    pools[0].max_nodes = 1;
+    let request = request("H100");
+    let mut fleet = Fleet::without_explanations();
+    let planned = fleet.plan(&"h100", &request, &pools);
+    let full = solve(&request, &pools);
+    assert!(planned.plan.explanation.is_empty());
+    assert!(!full.explanation.is_empty());
+    assert_eq!(planned.plan.rules, full.rules);
+    assert_eq!(planned.plan.unplaced_reason, full.unplaced_reason);
+    assert!(
+        full.unplaced_reason.is_some(),
+        "one node holds 2 of the 4 replicas"
+    );
+    assert_eq!(planned.plan.placements, full.placements);
+    assert_eq!(fleet.interested("aws-h100"), vec!["h100"]);
+}

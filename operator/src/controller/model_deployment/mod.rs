@@ -47,7 +47,8 @@ impl Ctx {
         Ctx {
             shared,
             failovers: Mutex::default(),
-            plans: Mutex::default(),
+            // The status quotes only a plan's typed words.
+            plans: Mutex::new(outrigger_placement::Fleet::without_explanations()),
         }
     }
 }
