@@ -52,7 +52,7 @@ const USED: &[Use] = &[
         resource: "modeldeployments/status",
         verbs: &["patch"],
         file: "controller/model_deployment/mod.rs",
-        code: ".status::<ModelDeployment>( Some(&key.0), &key.1, manager::CHILDREN,",
+        code: ".status::<ModelDeployment>(Some(&key.0), &key.1, manager::CHILDREN, status)",
     },
     Use {
         scope: Scope::Cluster,
