@@ -9,8 +9,9 @@ OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 .PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
-## fresh local cluster (built on first use; see docs/local-cluster.md)
-test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa
+## fresh local cluster (built on first use; see docs/local-cluster.md), then the
+## operator image and the kind cluster (Docker engine, node image built on first use)
+test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa image-test kind-test
 
 fmt-check:
 	cargo fmt --all --check

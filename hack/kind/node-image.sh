@@ -317,6 +317,9 @@ build_node() {
         "$container" "$NODE_IMAGE" >/dev/null
     "$DOCKER_BIN" rm -f "$container" >/dev/null
     "$DOCKER_BIN" rmi "$pre" "${COMPONENT_IMAGES[@]}" >/dev/null
+    # Each build context held the binaries (hundreds of MB): drop the build cache
+    # that no image uses any more.
+    "$DOCKER_BIN" builder prune -f >/dev/null 2>&1 || true
     step_done
 }
 
