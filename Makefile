@@ -6,11 +6,12 @@ export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
-.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench bench-operator build cluster-up cluster-down peers-up peers-down
+.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
-## fresh local cluster (built on first use; see docs/local-cluster.md)
-test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa
+## fresh local cluster (built on first use; see docs/local-cluster.md), then the
+## operator image and the kind cluster (Docker engine, node image built on first use)
+test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa image-test kind-test
 
 fmt-check:
 	cargo fmt --all --check
@@ -46,6 +47,32 @@ chart-check:
 ## ServiceAccount (a TokenRequest token in a kubeconfig), so its RBAC is proven enough
 e2e-as-sa:
 	hack/e2e-as-sa --test operator --test leader --test cloud
+
+## docker-engine: Debian's docker.io and debootstrap installed, dockerd answering
+## (started in the background if needed; hack/docker-engine)
+docker-engine:
+	hack/docker-engine
+
+## image-test: the operator image from the Dockerfile, built here with no registry
+## (binary built on the host): static, user 65532, no shell, /healthz, clean SIGTERM
+image-test: docker-engine
+	hack/operator-image test
+
+## node-image: the kind node image and kind, from pinned sources, cached by pin hash
+## under ~/.cache/outrigger/kind (hack/kind/node-image.sh)
+node-image: docker-engine tools
+	hack/kind/node-image.sh
+
+## kind-test: hack/kind/up.sh on a fresh kind cluster: the operator's pods on real
+## kubelets, the Lease handed over, a ModelDeployment placed, then down (hack/kind/test)
+kind-test: docker-engine tools
+	hack/kind/test
+
+kind-up: docker-engine tools
+	hack/kind/up.sh
+
+kind-down:
+	hack/kind/up.sh down
 
 ## crds: regenerate crds/*.yaml from the Rust types
 crds: build
