@@ -347,7 +347,13 @@ async fn run_controllers(
             Api::all(client.clone()),
             watcher::Config::default(),
             trim::node,
-            Notify::Pools(usage.clone(), node_fingerprint, pools_changed, pools_store),
+            Notify::Pools {
+                usage: usage.clone(),
+                everyone: changed.clone(),
+                fingerprint: node_fingerprint,
+                pools_changed,
+                pools: pools_store,
+            },
             Some(generation.clone()),
         ),
         mirror(

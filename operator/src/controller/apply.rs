@@ -1,6 +1,7 @@
 //! The one place Outrigger writes objects and statuses: server-side apply under a
-//! named field manager, skipped when the object's applied hash is unchanged,
-//! deletes that treat "already gone" as done, and every write counted.
+//! named field manager (callers skip a child whose cached copy carries the same
+//! [`applied_hash`]), deletes that treat "already gone" as done, and every write
+//! counted.
 
 use std::fmt::Debug;
 use std::sync::Arc;

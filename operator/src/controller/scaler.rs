@@ -212,7 +212,8 @@ pub struct Steps {
     pub due: Vec<Timestamp>,
 }
 
-/// Decides a pass over pool `index` of `inventory` (its nodes), given the cloud's `instances`,
+/// Decides a pass over pool `index` of `inventory` and the `nodes` its selector
+/// matches, given the cloud's `instances`,
 /// what the scaler last wrote, and the time. Updates `memory`'s clocks (empty since,
 /// first seen), and nothing else: no I/O.
 #[allow(clippy::too_many_arguments)]
@@ -220,6 +221,7 @@ pub fn decide(
     pool: &GpuNodePool,
     inventory: &Inventory,
     index: usize,
+    nodes: &[&NodeFacts],
     instances: &[Instance],
     before: &Written,
     memory: &mut Memory,
@@ -248,7 +250,6 @@ pub fn decide(
 
     // Nodes of live instances only: a node whose instance is already going is
     // neither kept nor returned again.
-    let nodes: Vec<&NodeFacts> = inventory.nodes_in(index).collect();
     let node_instances: BTreeMap<String, String> = nodes
         .iter()
         .filter_map(|n| {
@@ -258,7 +259,7 @@ pub fn decide(
         })
         .collect();
     let mut seats = Vec::new();
-    for n in nodes {
+    for n in nodes.iter().copied() {
         let empty = n.runs_no_replica();
         let empty_since = if empty {
             Some(*memory.empty_since.entry(n.name.clone()).or_insert(now))
@@ -425,10 +426,21 @@ async fn apply(
         Ok(found) => found,
         Err(e) => return unreachable_cloud(ctx, &pool, &before, &e).await,
     };
+    // Every Node its selector matches, even one that counts for another pool in
+    // placement: its instance is this pool's, never a leak.
+    let nodes: Vec<&NodeFacts> = shared
+        .stores
+        .nodes
+        .state()
+        .iter()
+        .filter(|n| pool.selects(n.labels()))
+        .filter_map(|n| inventory.node(&n.name_any()))
+        .collect();
     let steps = decide(
         &pool,
         &inventory,
         index,
+        &nodes,
         &instances,
         &before,
         &mut *ctx.memory.lock().await,

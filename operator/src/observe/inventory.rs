@@ -129,6 +129,7 @@ pub struct Inventory {
     /// Per ModelDeployment, its children (indexes into `children`).
     children_by: BTreeMap<Key, Vec<usize>>,
     by_pool_name: BTreeMap<String, usize>,
+    by_node_name: BTreeMap<String, usize>,
 }
 
 /// What the solver needs for one ModelDeployment, and when that view changes on its own.
@@ -431,6 +432,11 @@ impl Inventory {
             .enumerate()
             .map(|(i, p)| (p.metadata.name.clone().unwrap_or_default(), i))
             .collect();
+        let by_node_name = facts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
         Inventory {
             pools,
             nodes: facts,
@@ -439,6 +445,7 @@ impl Inventory {
             children_in,
             children_by,
             by_pool_name,
+            by_node_name,
         }
     }
 
@@ -450,7 +457,13 @@ impl Inventory {
         self.pool_index(name).map(|i| &self.pools[i])
     }
 
-    /// The nodes of pool `pool` (an index).
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeFacts> {
+        self.by_node_name.get(name).map(|&i| &self.nodes[i])
+    }
+
+    /// The nodes of pool `pool` (an index): each node counts for the first pool,
+    /// by name, whose selector it matches.
     pub fn nodes_in(&self, pool: usize) -> impl Iterator<Item = &NodeFacts> + '_ {
         self.nodes_of
             .get(pool)

@@ -35,14 +35,17 @@ pub enum Notify<K> {
     /// Poke everyone listening on the channel when an object's fingerprint (what
     /// placement sees of it) changes, or an object goes.
     Fingerprint(watch::Sender<u64>, fn(&K) -> u64),
-    /// Name the pools a node belongs to (before and after) when its fingerprint
-    /// changes, and poke the channel too.
-    Pools(
-        watch::Sender<u64>,
-        fn(&K) -> u64,
-        mpsc::UnboundedSender<String>,
-        Store<GpuNodePool>,
-    ),
+    /// When a node's fingerprint changes or it goes: name the pools it belonged
+    /// to and belongs to now (to `route`), and poke `usage`. After a (re)list,
+    /// poke `usage` and `everyone`: what changed while the watch was down is not
+    /// known object by object.
+    Pools {
+        usage: watch::Sender<u64>,
+        everyone: watch::Sender<u64>,
+        fingerprint: fn(&K) -> u64,
+        pools_changed: mpsc::UnboundedSender<String>,
+        pools: Store<GpuNodePool>,
+    },
     /// Hand every changed or deleted object's owning ModelDeployment to its controller.
     Owner(mpsc::UnboundedSender<MdRef>),
 }
@@ -69,6 +72,11 @@ where
     let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
     tokio::spawn(async move {
         let mut seen: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+        // During a (re)list: what it has shown so far. The store swaps the listed
+        // objects in only at its end (InitDone), so nothing is told before then;
+        // at the end the listing replaces `seen` (objects deleted while the watch
+        // was down drop out) and everyone listening is poked.
+        let mut listing: Option<HashMap<String, (u64, Vec<String>)>> = None;
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             if event.is_ok()
@@ -79,14 +87,26 @@ where
             let (obj, deleted) = match event {
                 Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => (obj, false),
                 Ok(watcher::Event::Delete(obj)) => (obj, true),
+                Ok(watcher::Event::Init) => {
+                    listing = Some(HashMap::new());
+                    continue;
+                }
                 Ok(watcher::Event::InitDone) => {
-                    if let Notify::Fingerprint(sender, _) | Notify::Pools(sender, _, _, _) = &notify
-                    {
-                        sender.send_modify(|n| *n += 1);
+                    if let Some(listed) = listing.take() {
+                        seen = listed;
+                    }
+                    match &notify {
+                        Notify::Fingerprint(sender, _) => sender.send_modify(|n| *n += 1),
+                        Notify::Pools {
+                            usage, everyone, ..
+                        } => {
+                            usage.send_modify(|n| *n += 1);
+                            everyone.send_modify(|n| *n += 1);
+                        }
+                        Notify::Nobody | Notify::Owner(_) => {}
                     }
                     continue;
                 }
-                Ok(watcher::Event::Init) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "watch failed; retrying with backoff");
                     continue;
@@ -96,6 +116,10 @@ where
                 Notify::Nobody => {}
                 Notify::Fingerprint(sender, fingerprint) => {
                     let key = format!("{:?}/{:?}", obj.meta().namespace, obj.meta().name);
+                    if let Some(listed) = listing.as_mut() {
+                        listed.insert(key, (fingerprint(&obj), Vec::new()));
+                        continue;
+                    }
                     let changed = if deleted {
                         seen.remove(&key);
                         true
@@ -107,25 +131,36 @@ where
                         sender.send_modify(|n| *n += 1);
                     }
                 }
-                Notify::Pools(sender, fingerprint, pools_changed, pools) => {
+                Notify::Pools {
+                    usage,
+                    fingerprint,
+                    pools_changed,
+                    pools,
+                    ..
+                } => {
                     let key = obj.meta().name.clone().unwrap_or_default();
-                    let before = if deleted {
-                        seen.remove(&key)
+                    // The pools it belongs to now, by the pools' current selectors.
+                    let now = (fingerprint(&obj), pools_of(obj.meta(), pools));
+                    if let Some(listed) = listing.as_mut() {
+                        listed.insert(key, now);
+                        continue;
+                    }
+                    let mut told = if deleted {
+                        seen.remove(&key);
+                        now.1
                     } else {
-                        let now = (fingerprint(&obj), pools_of(obj.meta(), pools));
                         match seen.insert(key, now.clone()) {
                             Some(before) if before.0 == now.0 => continue,
-                            Some((_, mut before)) => {
-                                before.extend(now.1);
-                                Some((now.0, before))
-                            }
-                            None => Some(now),
+                            Some((_, before)) => before.into_iter().chain(now.1).collect(),
+                            None => now.1,
                         }
                     };
-                    for pool in before.map(|b| b.1).unwrap_or_default() {
+                    told.sort_unstable();
+                    told.dedup();
+                    for pool in told {
                         let _ = pools_changed.unbounded_send(pool);
                     }
-                    sender.send_modify(|n| *n += 1);
+                    usage.send_modify(|n| *n += 1);
                 }
                 Notify::Owner(sender) => {
                     let meta = obj.meta();
