@@ -350,6 +350,23 @@ fn scaler_ctx(shared: Arc<Context>) -> Arc<scaler::Ctx> {
     ))
 }
 
+fn aws_only(fake: &FakeCloud) -> Clouds {
+    Clouds {
+        aws: Some(Arc::new(fake.clone())),
+        azure: None,
+    }
+}
+
+/// The status the scaler last applied to pool `aws-a`.
+fn last_pool_status(seen: &Mutex<Vec<Seen>>) -> Option<serde_json::Value> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|s| s.path.ends_with("/gpunodepools/aws-a/status"))
+        .map(|s| s.body["status"].clone())
+}
+
 fn launches(fake: &FakeCloud) -> usize {
     fake.calls()
         .iter()
@@ -368,10 +385,7 @@ async fn a_capacity_error_blocks_launches_until_its_backoff_ends() {
         json!({"metadata": {"finalizers": [scaler::FINALIZER]},
                "spec": {"scaling": {"aws": {"launchTemplate": {"name": "t"}}}}}),
     );
-    let clouds = Clouds {
-        aws: Some(Arc::new(fake.clone())),
-        azure: None,
-    };
+    let clouds = aws_only(&fake);
     let ctx = scaler_ctx(context(
         client,
         vec![aws.clone()],
@@ -384,14 +398,7 @@ async fn a_capacity_error_blocks_launches_until_its_backoff_ends() {
     fake.fail_next("launch", capacity_error());
     scaler::reconcile(pool.clone(), ctx.clone()).await.unwrap();
     assert_eq!(launches(&fake), 1);
-    let status = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|s| s.path.ends_with("/gpunodepools/aws-a/status"))
-        .map(|s| s.body["status"].clone())
-        .expect("the backoff is written");
+    let status = last_pool_status(&seen).expect("the backoff is written");
     assert_eq!(status["capacityBackoff"]["until"], "2026-01-01T00:03:00Z");
     assert_eq!(status["capacityBackoff"]["reason"], "InsufficientCapacity");
     assert!(
@@ -414,14 +421,7 @@ async fn a_capacity_error_blocks_launches_until_its_backoff_ends() {
     scaler::reconcile(pool.clone(), ctx.clone()).await.unwrap();
     assert_eq!(launches(&fake), 2);
     assert_eq!(fake.instances_now().len(), 2);
-    let status = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|s| s.path.ends_with("/gpunodepools/aws-a/status"))
-        .map(|s| s.body["status"].clone())
-        .unwrap();
+    let status = last_pool_status(&seen).unwrap();
     assert!(status.get("capacityBackoff").is_none(), "{status}");
     assert_eq!(status["cloudInstances"], 2);
 }
@@ -451,10 +451,7 @@ async fn release_keeps_the_finalizer_while_instances_live() {
                             "deletionTimestamp": "2026-01-01T00:00:00Z"},
                "spec": {"scaling": {"aws": {"launchTemplate": {"name": "t"}}}}}),
     );
-    let clouds = Clouds {
-        aws: Some(Arc::new(fake.clone())),
-        azure: None,
-    };
+    let clouds = aws_only(&fake);
     let ctx = scaler_ctx(context(
         client,
         vec![deleting.clone()],
