@@ -36,7 +36,7 @@ e2e: tools
 ## e2e-peers: two fresh local clusters side by side (hack/peers: aws and azure, one
 ## pair of simulators), the several-clusters tests, then down
 e2e-peers: tools
-	hack/e2e-peers --test peers_smoke
+	hack/e2e-peers --test peers_smoke --test peers
 
 ## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
 ## API server and the CRDs), helm install into a restricted namespace (own cluster)

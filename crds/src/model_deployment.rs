@@ -379,6 +379,10 @@ pub struct ModelDeploymentStatus {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementStatus {
+    /// The cluster (its `--cluster-name`) that holds the pool; set once the
+    /// deployment is served by peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// Name of the GpuNodePool.
     pub pool: String,
     /// Provider of the pool.

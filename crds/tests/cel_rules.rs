@@ -6,7 +6,7 @@ mod support;
 
 use kube::core::cel::{ScopeContext, Validator, WarningKind, analyze_rule, compile_schema};
 use serde_json::{Value, json};
-use support::{deployment_schema, pool_schema};
+use support::{deployment_schema, peer_schema, pool_schema};
 
 fn aws_pool() -> Value {
     json!({
@@ -274,6 +274,34 @@ fn deployment_rules_refuse_mistakes() {
 
 /// Every rule compiles, uses only `self`/`oldSelf`, and stays inside the API server's
 /// cost budget (kube-cel's estimate; the API server computes its own on create).
+fn peer() -> Value {
+    json!({
+        "apiVersion": "outrigger.dev/v1alpha1",
+        "kind": "PeerCluster",
+        "metadata": {"name": "aks-prod"},
+        "spec": {
+            "kubeconfigSecretRef": {"namespace": "outrigger-system", "name": "peer-aks-prod", "key": "kubeconfig"},
+            "unreachableAfterSeconds": 10,
+            "operatorNamespace": "outrigger-system",
+        },
+    })
+}
+
+#[test]
+fn peer_rules_refuse_a_key_that_no_secret_can_have() {
+    let schema = peer_schema();
+    assert_eq!(broken_rules(&schema, &peer()), Vec::<String>::new());
+    assert_refused(
+        &schema,
+        &with(
+            peer(),
+            "/spec/kubeconfigSecretRef/key",
+            Some(json!("kube config")),
+        ),
+        "kubeconfigSecretRef.key must be a Secret data key",
+    );
+}
+
 #[test]
 fn rules_compile_and_fit_the_cost_budget() {
     fn walk(node: &Value, path: &str, rules: &mut usize) {
@@ -313,5 +341,6 @@ fn rules_compile_and_fit_the_cost_budget() {
     let mut rules = 0;
     walk(&pool_schema(), "", &mut rules);
     walk(&deployment_schema(), "", &mut rules);
-    assert_eq!(rules, 15, "a rule was added or lost; update the CEL tests");
+    walk(&peer_schema(), "", &mut rules);
+    assert_eq!(rules, 16, "a rule was added or lost; update the CEL tests");
 }

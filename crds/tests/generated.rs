@@ -47,7 +47,14 @@ fn chart_crds_match_the_types() {
 #[test]
 fn generated_files_are_named_after_the_plural() {
     let names: Vec<String> = crd_files().into_iter().map(|f| f.file_name).collect();
-    assert_eq!(names, ["gpunodepools.yaml", "modeldeployments.yaml"]);
+    assert_eq!(
+        names,
+        [
+            "gpunodepools.yaml",
+            "modeldeployments.yaml",
+            "peerclusters.yaml"
+        ]
+    );
     for file in crd_files() {
         assert!(file.contents.starts_with(GENERATED_HEADER));
     }

@@ -44,9 +44,23 @@ pub fn nodes_from_status(
     let Some(status) = status else {
         return Vec::new();
     };
-    let total = status.nodes.unwrap_or(0);
-    let ready = status.ready_nodes.unwrap_or(0).min(total);
-    let mut requested = status.gpus.as_ref().map_or(0, |g| g.requested);
+    nodes_from_counts(
+        gpus_per_node,
+        status.nodes.unwrap_or(0),
+        status.ready_nodes.unwrap_or(0),
+        status.gpus.as_ref().map_or(0, |g| g.requested),
+    )
+}
+
+/// `total` nodes, `ready` of them Ready, with `requested` GPUs taken from the
+/// Ready ones in turn.
+pub fn nodes_from_counts(
+    gpus_per_node: u32,
+    total: u32,
+    ready: u32,
+    mut requested: u32,
+) -> Vec<placement::Node> {
+    let ready = ready.min(total);
     (0..total)
         .map(|i| {
             let taken = if i < ready {

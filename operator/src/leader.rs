@@ -23,6 +23,9 @@ pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
+    /// Annotations the holder keeps on the Lease: its cluster's name and its
+    /// version, which peers read.
+    annotations: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -32,11 +35,27 @@ enum Attempt {
 }
 
 impl Elector {
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str) -> Elector {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        cluster: &str,
+    ) -> Elector {
         Elector {
             api: Api::namespaced(client, namespace),
             name: name.to_string(),
             identity: identity.to_string(),
+            annotations: [
+                (outrigger_crds::CLUSTER_NAME_ANNOTATION, cluster),
+                (
+                    outrigger_crds::VERSION_ANNOTATION,
+                    env!("CARGO_PKG_VERSION"),
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         }
     }
 
@@ -108,6 +127,7 @@ impl Elector {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    annotations: Some(self.annotations.clone()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -143,6 +163,11 @@ impl Elector {
         spec.holder_identity = Some(self.identity.clone());
         spec.lease_duration_seconds = Some(duration);
         spec.renew_time = Some(MicroTime(now));
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .extend(self.annotations.clone());
         // The resourceVersion we read makes this a compare-and-swap.
         match self
             .api

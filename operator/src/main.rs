@@ -13,6 +13,7 @@ mod inputs;
 mod labels;
 mod leader;
 mod observe;
+mod peer_cli;
 mod plan;
 mod run;
 mod scaling;
@@ -36,6 +37,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Run the operator: watch ModelDeployments and keep their replicas placed.
     Run(Box<run::RunArgs>),
+    /// Register another cluster as a peer of this one (`peer add`), or undo it (`peer remove`).
+    Peer(peer_cli::PeerArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Peer(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime starts");
+            match runtime.block_on(peer_cli::run(args)) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -10,22 +10,23 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::channel::mpsc;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::Client;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, controller, watcher};
-use outrigger_crds::{GpuNodePool, ModelDeployment};
+use kube::{Client, ResourceExt};
+use outrigger_crds::{GpuNodePool, ModelDeployment, PeerCluster};
 use tokio::sync::watch;
 
 use crate::cloud::metered::{self, Metered};
 use crate::cloud::{CloudProvider, Clouds, aws, azure};
 use crate::controller::apply::Applier;
-use crate::controller::{Context, Stores, model_deployment, pool, scaler};
+use crate::controller::{Context, Stores, model_deployment, peer, pool, scaler};
 use crate::labels;
 use crate::leader::Elector;
+use crate::observe::peers::{Me, Peers};
 use crate::observe::trim;
 use crate::observe::watch::{
     Notify, mirror, node_fingerprint, pod_fingerprint, pokes, pool_fingerprint, route,
@@ -180,6 +181,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         &args.lease_namespace,
         &args.lease_name,
         &identity,
+        &args.cloud.cluster_name,
     );
     if args.leader_elect {
         // A standby is ready: it serves, it just does not act.
@@ -194,12 +196,18 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
 
     let clouds = args.cloud.clouds(&metrics).await;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let me = Me {
+        name: args.cloud.cluster_name.clone(),
+        uid: None,
+        lease_name: args.lease_name.clone(),
+    };
     let mut controllers = tokio::spawn(run_controllers(
         client,
         metrics.clone(),
         ready,
         identity,
         (clouds, args.cloud.scaler()),
+        me,
         stop_rx,
     ));
     let lost = async {
@@ -320,9 +328,32 @@ async fn run_controllers(
     ready: Arc<AtomicBool>,
     identity: String,
     (clouds, scaler): (Clouds, scaler::Settings),
+    mut me: Me,
     stop: watch::Receiver<bool>,
 ) {
     wait_for_crds(&client).await;
+    let peers = if peers_served(&client).await {
+        // Told apart from a peer by its kube-system namespace.
+        me.uid = Api::<Namespace>::all(client.clone())
+            .get_opt("kube-system")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|ns| ns.metadata.uid);
+        let peers = Peers::new(me, Arc::new(k8s_openapi::jiff::Timestamp::now));
+        // Plans wait until each PeerCluster there is now is linked: planning before
+        // would leave its cluster out, and launch its share here.
+        match Api::<PeerCluster>::all(client.clone())
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => peers.expect(list.items.iter().map(ResourceExt::name_any)),
+            Err(e) => tracing::warn!(error = %e, "failed to list PeerClusters at start"),
+        }
+        Some(Arc::new(peers))
+    } else {
+        None
+    };
     let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
     // Node and pool changes can change any plan; pod changes only change GPU counts,
     // which the pool controllers report (a plan sees them on its next pass).
@@ -424,6 +455,7 @@ async fn run_controllers(
         ),
         clouds,
         clock: Arc::new(k8s_openapi::jiff::Timestamp::now),
+        peers: peers.clone(),
     });
     let md_ctx = Arc::new(model_deployment::Ctx::new(shared.clone()));
     let (routed, node_triggers) = mpsc::unbounded();
@@ -445,6 +477,10 @@ async fn run_controllers(
     .reconcile_on(owners)
     .reconcile_on(node_triggers)
     .reconcile_all_on(pokes(changed.subscribe()))
+    .reconcile_all_on(match &peers {
+        Some(p) => pokes(p.changed.subscribe()).left_stream(),
+        None => futures::stream::pending().right_stream(),
+    })
     .with_config(config.clone())
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(
@@ -480,6 +516,8 @@ async fn run_controllers(
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(pool::reconcile, pool::error_policy, shared.clone())
     .for_each(|_| futures::future::ready(()));
+    let (shared_for_peers, peer_client, stop_peers) =
+        (shared.clone(), client.clone(), stop.clone());
     // Pools scale independently, and one may wait minutes on an Azure operation.
     let scalers = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
         .reconcile_all_on(pokes(changed.subscribe()))
@@ -492,5 +530,50 @@ async fn run_controllers(
             Arc::new(scaler::Ctx::new(shared, scaler)),
         )
         .for_each(|_| futures::future::ready(()));
-    tokio::join!(deployments, pools, scalers);
+    let peer_clusters = async {
+        let Some(peers) = peers else {
+            return;
+        };
+        let ctx = Arc::new(peer::Ctx {
+            shared: shared_for_peers,
+            peers: peers.clone(),
+            client: peer_client,
+        });
+        let forget = ctx.clone();
+        Controller::new(
+            Api::<PeerCluster>::all(ctx.client.clone()),
+            watcher::Config::default(),
+        )
+        .reconcile_all_on(pokes(peers.changed.subscribe()))
+        .with_config(controller::Config::default().debounce(DEBOUNCE))
+        .graceful_shutdown_on(stopped(stop_peers))
+        .run(peer::reconcile, peer::error_policy, ctx)
+        .for_each(move |result| {
+            // A deleted PeerCluster: its link and metric series go.
+            if let Err(controller::Error::ObjectNotFound(gone)) = result {
+                forget.peers.drop_link(&gone.name);
+                forget.peers.settled(&gone.name);
+                forget.shared.metrics.forget_peer(&gone.name);
+            }
+            futures::future::ready(())
+        })
+        .await;
+    };
+    tokio::join!(deployments, pools, scalers, peer_clusters);
+}
+
+/// Whether the API server serves PeerClusters. An operator upgraded before its
+/// CRDs runs as a single cluster, and says how to add peers.
+async fn peers_served(client: &Client) -> bool {
+    let api_version = format!("{}/{}", outrigger_crds::GROUP, outrigger_crds::VERSION);
+    let served = client
+        .list_api_group_resources(&api_version)
+        .await
+        .is_ok_and(|list| list.resources.iter().any(|r| r.name == "peerclusters"));
+    if !served {
+        tracing::warn!(
+            "the API server does not serve {api_version} peerclusters: running as a single cluster. Apply crds/peerclusters.yaml (or upgrade the chart) to serve ModelDeployments with peers"
+        );
+    }
+    served
 }

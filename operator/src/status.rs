@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use outrigger_crds::{
-    GpuNodePool, ModelDeployment, ModelDeploymentStatus, PlacementStatus, condition,
-};
+use outrigger_crds::{ModelDeployment, ModelDeploymentStatus, PlacementStatus, condition};
 use outrigger_placement::Plan;
+
+use crate::observe::global::PoolRef;
 
 /// Per pool: replicas applied and ready.
 pub type Applied = BTreeMap<String, (u32, u32)>;
@@ -39,11 +39,14 @@ pub fn condition(
 
 /// The status to write. Only lines about spread rules and unplaced replicas go in the
 /// Diversified message; the full explanation is in `outrigger plan` and the Events.
+/// `pools` names every pool a placement may be on (by its name in the plan);
+/// `in_sync`, served by peers, the clusters whose copy's spec differs from this one.
 pub fn desired(
     md: &ModelDeployment,
     plan: &Plan,
     applied: &Applied,
-    pools: &[std::sync::Arc<GpuNodePool>],
+    pools: &BTreeMap<String, PoolRef>,
+    in_sync: Option<&[String]>,
     now: Timestamp,
 ) -> ModelDeploymentStatus {
     let previous = md
@@ -59,15 +62,13 @@ pub fn desired(
     for (pool_name, &(n, r)) in applied.iter().filter(|(_, (n, _))| *n > 0) {
         replicas += n;
         ready += r;
-        let Some(pool) = pools
-            .iter()
-            .find(|p| p.metadata.name.as_deref() == Some(pool_name.as_str()))
-        else {
+        let Some(PoolRef { cluster, pool }) = pools.get(pool_name) else {
             continue;
         };
         *providers.entry(pool.spec.provider.as_str()).or_default() += n;
         placements.push(PlacementStatus {
-            pool: pool_name.clone(),
+            cluster: cluster.clone(),
+            pool: pool.metadata.name.clone().unwrap_or_default(),
             provider: pool.spec.provider,
             region: pool.spec.region.clone(),
             zone: pool.spec.zone.clone(),
@@ -187,6 +188,33 @@ pub fn desired(
             now,
         )
     };
+    let mut conditions = vec![ready_condition, diversified, degraded];
+    if let Some(differ) = in_sync {
+        conditions.push(if differ.is_empty() {
+            condition(
+                previous,
+                condition::IN_SYNC,
+                true,
+                "SameSpec",
+                "every cluster's copy has the same spec".to_string(),
+                generation,
+                now,
+            )
+        } else {
+            condition(
+                previous,
+                condition::IN_SYNC,
+                false,
+                "SpecsDiffer",
+                format!(
+                    "the copies in {} have another spec than this one: apply the same manifest to every cluster; until then each plans with its own copy",
+                    differ.join(", ")
+                ),
+                generation,
+                now,
+            )
+        });
+    }
     ModelDeploymentStatus {
         observed_generation: generation,
         replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
@@ -195,6 +223,6 @@ pub fn desired(
         placements,
         providers: Some(providers),
         cost_per_hour: Some(plan.cost_per_hour),
-        conditions: vec![ready_condition, diversified, degraded],
+        conditions,
     }
 }

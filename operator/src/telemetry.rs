@@ -73,6 +73,11 @@ pub struct WriteLabels {
 }
 
 /// Every metric Outrigger exports, prefixed `outrigger_`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
@@ -85,6 +90,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub cloud_requests: Family<CloudLabels, Counter>,
     pub cloud_request_duration: Family<CloudOperationLabels, Histogram>,
+    pub peer_reachable: Family<PeerLabels, Gauge>,
+    pub peer_last_seen_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Metrics {
@@ -142,6 +149,19 @@ impl Metrics {
             "Cloud API attempts, by provider, operation and result (ok or the error kind)",
             cloud_requests.clone(),
         );
+        let peer_reachable = Family::<PeerLabels, Gauge>::default();
+        let peer_last_seen_seconds =
+            Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "peer_reachable",
+            "1 while the peer's API answers and its operator leads, by PeerCluster",
+            peer_reachable.clone(),
+        );
+        registry.register(
+            "peer_last_seen_seconds",
+            "Seconds since the peer last answered, by PeerCluster",
+            peer_last_seen_seconds.clone(),
+        );
         registry.register(
             "cloud_request_duration_seconds",
             "Time one cloud API attempt took, long-running operation included",
@@ -158,6 +178,8 @@ impl Metrics {
             failover_seconds,
             api_writes,
             leader,
+            peer_reachable,
+            peer_last_seen_seconds,
         }
     }
 
@@ -188,6 +210,15 @@ impl Metrics {
     }
 
     /// Removes every series of a ModelDeployment that is gone (`namespace/name`).
+    /// Drops a removed peer's series.
+    pub fn forget_peer(&self, peer: &str) {
+        let labels = PeerLabels {
+            peer: peer.to_string(),
+        };
+        self.peer_reachable.remove(&labels);
+        self.peer_last_seen_seconds.remove(&labels);
+    }
+
     pub fn forget_deployment(&self, deployment: &str) {
         for labels in self.replica_series().remove(deployment).unwrap_or_default() {
             self.replicas.remove(&labels);

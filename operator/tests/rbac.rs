@@ -21,6 +21,11 @@ use serde::Deserialize;
 enum Scope {
     Cluster,
     LeaseNamespace,
+    /// The peer Secret namespace (`peers.secretNamespace`).
+    SecretNamespace,
+    /// What a peer's operator may read here (the `outrigger-peer-reader` roles).
+    PeerReader,
+    PeerReaderLease,
 }
 
 /// One audited use of the API: what is called, and the code that calls it (a file
@@ -45,6 +50,14 @@ const USED: &[Use] = &[
         verbs: &["list", "watch"],
         file: "run.rs",
         code: "Controller::new( Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::Cluster,
+        group: "outrigger.dev",
+        resource: "modeldeployments",
+        verbs: &["patch"],
+        file: "controller/model_deployment/mod.rs",
+        code: "&kube::api::Patch::Merge(&patch),",
     },
     Use {
         scope: Scope::Cluster,
@@ -177,6 +190,87 @@ const USED: &[Use] = &[
         code: "self.recorder.publish(&event, reference)",
     },
     Use {
+        scope: Scope::Cluster,
+        group: "outrigger.dev",
+        resource: "peerclusters",
+        verbs: &["list", "watch"],
+        file: "run.rs",
+        code: "Controller::new( Api::<PeerCluster>::all(ctx.client.clone()),",
+    },
+    Use {
+        scope: Scope::Cluster,
+        group: "outrigger.dev",
+        resource: "peerclusters/status",
+        verbs: &["patch"],
+        file: "controller/peer.rs",
+        code: ".status::<PeerCluster>( None, &name, manager::PEERS,",
+    },
+    Use {
+        scope: Scope::Cluster,
+        group: "",
+        resource: "namespaces",
+        verbs: &["get"],
+        file: "run.rs",
+        code: "me.uid = Api::<Namespace>::all(client.clone()) .get_opt(\"kube-system\")",
+    },
+    Use {
+        scope: Scope::SecretNamespace,
+        group: "",
+        resource: "secrets",
+        verbs: &["get"],
+        file: "controller/peer.rs",
+        code: "let secret = match secrets.get_opt(&reference.name).await {",
+    },
+    // A peer's reads, as the reader ServiceAccount (observe/peers.rs).
+    Use {
+        scope: Scope::PeerReader,
+        group: "outrigger.dev",
+        resource: "gpunodepools",
+        verbs: &["list", "watch"],
+        file: "observe/peers.rs",
+        code: "Api::<GpuNodePool>::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::PeerReader,
+        group: "outrigger.dev",
+        resource: "modeldeployments",
+        verbs: &["list", "watch"],
+        file: "observe/peers.rs",
+        code: "Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::PeerReader,
+        group: "outrigger.dev",
+        resource: "peerclusters",
+        verbs: &["list", "watch"],
+        file: "observe/peers.rs",
+        code: "Api::<PeerCluster>::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::PeerReader,
+        group: "apps",
+        resource: "deployments",
+        verbs: &["list", "watch"],
+        file: "observe/peers.rs",
+        code: "Api::<Deployment>::all(client.clone()),",
+    },
+    Use {
+        scope: Scope::PeerReader,
+        group: "",
+        resource: "namespaces",
+        verbs: &["get"],
+        file: "observe/peers.rs",
+        code: "namespaces.get_opt(\"kube-system\")",
+    },
+    Use {
+        scope: Scope::PeerReaderLease,
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get"],
+        file: "observe/peers.rs",
+        code: "leases.get_opt(&me.lease_name)",
+    },
+    Use {
         scope: Scope::LeaseNamespace,
         group: "coordination.k8s.io",
         resource: "leases",
@@ -207,6 +301,9 @@ const USED: &[Use] = &[
 struct RulesFile {
     cluster_rules: Vec<Rule>,
     lease_rules: Vec<Rule>,
+    secret_rules: Vec<Rule>,
+    peer_reader_cluster_rules: Vec<Rule>,
+    peer_reader_lease_rules: Vec<Rule>,
 }
 
 #[derive(Deserialize)]
@@ -214,6 +311,9 @@ struct RulesFile {
 struct Rule {
     api_groups: Vec<String>,
     resources: Vec<String>,
+    /// Narrows a rule to named objects, which only `get` honours.
+    #[serde(default)]
+    resource_names: Vec<String>,
     verbs: Vec<String>,
 }
 
@@ -236,8 +336,16 @@ fn granted() -> BTreeSet<Grant> {
     for (scope, rules) in [
         (Scope::Cluster, &file.cluster_rules),
         (Scope::LeaseNamespace, &file.lease_rules),
+        (Scope::SecretNamespace, &file.secret_rules),
+        (Scope::PeerReader, &file.peer_reader_cluster_rules),
+        (Scope::PeerReaderLease, &file.peer_reader_lease_rules),
     ] {
         for rule in rules {
+            assert!(
+                rule.resource_names.is_empty() || rule.verbs.iter().all(|v| v == "get"),
+                "rbac-rules.yaml: resourceNames narrow only get, not {:?}",
+                rule.verbs
+            );
             for verb in &rule.verbs {
                 assert_ne!(verb, "*", "rbac-rules.yaml: no wildcard verbs");
                 for group in &rule.api_groups {

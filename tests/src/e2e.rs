@@ -402,6 +402,12 @@ pub struct Operator {
 impl Operator {
     /// Starts an operator and waits until it serves.
     pub async fn start(identity: &str, extra: &[&str]) -> Operator {
+        Operator::start_with(identity, &[], extra).await
+    }
+
+    /// [`Operator::start`], with these environment variables set (say, the
+    /// `KUBECONFIG` of one of several clusters).
+    pub async fn start_with(identity: &str, env: &[(&str, &str)], extra: &[&str]) -> Operator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -413,6 +419,7 @@ impl Operator {
         if let Some(kubeconfig) = crate::service_account::kubeconfig() {
             command.env("KUBECONFIG", kubeconfig);
         }
+        command.envs(env.iter().copied());
         let audit_from = audit_log_len();
         let child = command
             .arg("run")

@@ -35,6 +35,10 @@ pub fn deployment_schema() -> Value {
     schema_of(&ModelDeployment::crd())
 }
 
+pub fn peer_schema() -> Value {
+    schema_of(&outrigger_crds::PeerCluster::crd())
+}
+
 /// Parses every document of a multi-document YAML string.
 pub fn yaml_documents(text: &str) -> Vec<Value> {
     serde_saphyr::from_multiple(text).expect("valid YAML")

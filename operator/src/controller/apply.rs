@@ -30,6 +30,8 @@ pub mod manager {
     /// A pool's `desiredNodes`, `cloudInstances`, `capacityBackoff`,
     /// `CapacityAvailable` and `CloudReachable`.
     pub const SCALER: &str = "outrigger-scaler";
+    /// A PeerCluster's status.
+    pub const PEERS: &str = "outrigger-peers";
 }
 
 /// Writes to the API server on behalf of every controller.

@@ -19,6 +19,7 @@ use crate::telemetry::Metrics;
 
 pub mod apply;
 pub mod model_deployment;
+pub mod peer;
 pub mod pool;
 pub mod scaler;
 #[cfg(test)]
@@ -106,6 +107,8 @@ pub struct Context {
     /// The clouds scalable pools grow in.
     pub clouds: Clouds,
     pub clock: Clock,
+    /// The links to peer clusters; `None` when the PeerCluster CRD is not served.
+    pub peers: Option<Arc<crate::observe::peers::Peers>>,
 }
 
 impl Context {

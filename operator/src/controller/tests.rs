@@ -150,6 +150,7 @@ fn context(
         ),
         clouds,
         clock: hands.clock(),
+        peers: None,
     })
 }
 
@@ -304,6 +305,7 @@ async fn a_converged_pass_writes_nothing() {
         recorder: shared.recorder.clone(),
         clouds: Clouds::default(),
         clock: hands.clock(),
+        peers: None,
     });
     let ctx = Arc::new(model_deployment::Ctx::new(shared));
     reconcile_md(&ctx, &md).await;

@@ -92,6 +92,33 @@ pub struct Child {
     pub applied_hash: Option<String>,
 }
 
+impl Child {
+    /// The child a Deployment of Outrigger's is, with `scheduled` of its pods bound;
+    /// `None` for a Deployment without an owner or pool label.
+    pub fn of(d: &Deployment, scheduled: u32) -> Option<Child> {
+        let l = d.metadata.labels.as_ref()?;
+        let owner = owner_of(Some(l), d.metadata.namespace.as_ref())?;
+        let pool = l.get(labels::POOL)?.clone();
+        let spec = &d.spec;
+        let count = |n: Option<i32>| n.unwrap_or(0).max(0).unsigned_abs();
+        Some(Child {
+            scheduled,
+            owner,
+            pool,
+            name: d.metadata.name.clone().unwrap_or_default(),
+            replicas: count(spec.replicas.or(Some(1))),
+            ready: count(d.status.as_ref().and_then(|s| s.ready_replicas)),
+            gpus: spec.template.spec.as_ref().map_or(0, spec_gpus),
+            applied_hash: d
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(labels::APPLIED_HASH))
+                .cloned(),
+        })
+    }
+}
+
 /// Counts a pool's status reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PoolCounts {
@@ -376,33 +403,9 @@ impl Inventory {
             .filter_map(|d| {
                 let l = d.metadata.labels.as_ref()?;
                 let owner = owner_of(Some(l), d.metadata.namespace.as_ref())?;
-                let pool = l.get(labels::POOL)?.clone();
-                let spec = &d.spec;
-                let gpus = spec.template.spec.as_ref().map_or(0, spec_gpus);
-                Some(Child {
-                    scheduled: scheduled
-                        .get(&(owner.clone(), pool.clone()))
-                        .copied()
-                        .unwrap_or(0),
-                    owner,
-                    pool,
-                    name: d.metadata.name.clone().unwrap_or_default(),
-                    replicas: spec.replicas.unwrap_or(1).max(0).unsigned_abs(),
-                    ready: d
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.ready_replicas)
-                        .unwrap_or(0)
-                        .max(0)
-                        .unsigned_abs(),
-                    gpus,
-                    applied_hash: d
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(labels::APPLIED_HASH))
-                        .cloned(),
-                })
+                let pool = l.get(labels::POOL)?;
+                let scheduled = scheduled.get(&(owner, pool.clone())).copied().unwrap_or(0);
+                Child::of(d, scheduled)
             })
             .collect();
         Inventory::from_facts(pools, facts, children)
@@ -495,6 +498,29 @@ impl Inventory {
         self.children_of(owner)
             .filter(|c| c.replicas > 0)
             .map(|c| (c.pool.clone(), c.replicas))
+            .collect()
+    }
+
+    /// Ready replicas per pool of a ModelDeployment's children.
+    pub fn ready(&self, owner: &Key) -> BTreeMap<String, u32> {
+        self.children_of(owner)
+            .map(|c| (c.pool.clone(), c.ready))
+            .collect()
+    }
+
+    /// Every pool by name, as a plan over this cluster alone names them.
+    pub fn pool_refs(&self) -> BTreeMap<String, super::global::PoolRef> {
+        self.pools
+            .iter()
+            .map(|p| {
+                (
+                    p.metadata.name.clone().unwrap_or_default(),
+                    super::global::PoolRef {
+                        cluster: None,
+                        pool: p.clone(),
+                    },
+                )
+            })
             .collect()
     }
 

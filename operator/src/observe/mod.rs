@@ -2,8 +2,11 @@
 //! (`trim`, `watch`), what each object reports, and the inventory built from the
 //! stores once per change (`inventory`): per pool its nodes with readiness and free
 //! GPUs, health and backoff; per ModelDeployment its children and their ready
-//! replicas.
+//! replicas. With peers (`peers`), the same facts as each cluster publishes them,
+//! and the pools of every cluster as one ModelDeployment sees them (`global`).
 
+pub mod global;
 pub mod inventory;
+pub mod peers;
 pub mod trim;
 pub mod watch;

@@ -68,9 +68,30 @@ where
         + Sync
         + 'static,
 {
+    mirror_task(api, config, keep, notify, generation).0
+}
+
+/// [`mirror`], and the handle that stops its task (a peer's mirrors stop with
+/// the link).
+pub fn mirror_task<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    keep: fn(&mut K),
+    notify: Notify<K>,
+    generation: Option<Arc<AtomicU64>>,
+) -> (Store<K>, tokio::task::AbortHandle)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut seen: HashMap<String, (u64, Vec<String>)> = HashMap::new();
         // During a (re)list: what it has shown so far. The store swaps the listed
         // objects in only at its end (InitDone), so nothing is told before then;
@@ -174,7 +195,7 @@ where
             }
         }
     });
-    reader
+    (reader, task.abort_handle())
 }
 
 /// The pools whose node selector an object's labels match.

@@ -13,6 +13,7 @@ use outrigger_crds::{ModelDeployment, ModelDeploymentStatus, condition};
 use outrigger_placement as placement;
 
 use crate::controller::apply::{applied_hash, without_nulls};
+use crate::observe::global::{PoolRef, qualified};
 use crate::observe::inventory::{Health, Inventory, Key, View};
 use crate::telemetry::ReplicaLabels;
 use crate::{children, status};
@@ -84,14 +85,24 @@ impl Decision {
     }
 }
 
-/// What the pass knows about this ModelDeployment besides its object.
+/// What the pass knows about this ModelDeployment besides its object. Pools are
+/// named as the plan names them: `cluster/pool` when peers serve it, else `pool`.
 pub struct Facts<'a> {
     pub key: &'a Key,
+    /// This cluster's name, when peers serve the deployment: only its own pools
+    /// get children here.
+    pub cluster: Option<&'a str>,
     pub inventory: &'a Inventory,
     pub view: &'a View,
     pub plan: &'a placement::Plan,
-    /// Replicas per pool its children have now.
+    /// Every pool the plan may name.
+    pub pools: &'a BTreeMap<String, PoolRef>,
+    /// Replicas per pool its children have now, in every cluster.
     pub current: &'a BTreeMap<String, u32>,
+    /// Ready replicas per pool, in every cluster.
+    pub ready: &'a BTreeMap<String, u32>,
+    /// Served by peers: the clusters whose copy's spec differs from this one.
+    pub in_sync: Option<&'a [String]>,
     pub existing: &'a Existing,
     /// Since when it has been failing over, if it is.
     pub failing_over: Option<Timestamp>,
@@ -101,31 +112,48 @@ pub struct Facts<'a> {
 pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
     let Facts {
         key,
+        cluster,
         inventory,
         view,
         plan,
+        pools,
         current,
+        ready,
+        in_sync,
         existing,
         failing_over,
         now,
     } = *facts;
-    let ready: BTreeMap<String, u32> = inventory
-        .children_of(key)
-        .map(|c| (c.pool.clone(), c.ready))
-        .collect();
-    let targets = targets(plan, current, &ready, &view.health);
+    let targets = targets(plan, current, ready, &view.health);
+    // A plan's pool name, as this cluster's own pool, if it is one.
+    let local = |name: &'_ str| -> Option<String> {
+        match cluster {
+            None => Some(name.to_string()),
+            Some(c) => name
+                .strip_prefix(c)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .map(str::to_string),
+        }
+    };
+    let in_plan = |pool: &str| match cluster {
+        None => pool.to_string(),
+        Some(c) => qualified(c, pool),
+    };
 
     let mut grow = Vec::new();
     let mut then = Vec::new();
     for (pool_name, &n) in targets.iter().filter(|(_, n)| **n > 0) {
-        let Some(pool) = inventory.pool(pool_name) else {
+        let Some(own) = local(pool_name) else {
+            continue;
+        };
+        let Some(pool) = inventory.pool(&own) else {
             continue;
         };
         let desired = children::deployment(md, pool, n);
         let stored = existing
             .deployments
             .iter()
-            .find(|(pool, _, _)| pool == pool_name)
+            .find(|(pool, _, _)| *pool == own)
             .and_then(|(_, _, hash)| hash.as_deref());
         if stored.is_some() && stored == applied_hash(&desired.metadata) {
             continue;
@@ -138,7 +166,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         }
     }
     for (pool, name, _) in &existing.deployments {
-        if targets.get(pool).copied().unwrap_or(0) == 0 {
+        if targets.get(&in_plan(pool)).copied().unwrap_or(0) == 0 {
             then.push(Write::DeleteDeployment(name.clone()));
         }
     }
@@ -172,7 +200,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
             )
         })
         .collect();
-    let desired = status::desired(md, plan, &applied, &inventory.pools, now);
+    let desired = status::desired(md, plan, &applied, pools, in_sync, now);
     let (notes, failover) = announce(
         md,
         plan,
@@ -192,9 +220,9 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .map(|pool| {
-            let provider = inventory
-                .pool(pool)
-                .map_or("unknown", |p| p.spec.provider.as_str());
+            let provider = pools
+                .get(pool)
+                .map_or("unknown", |p| p.pool.spec.provider.as_str());
             (
                 ReplicaLabels {
                     deployment: deployment.clone(),

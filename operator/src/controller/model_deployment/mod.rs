@@ -25,6 +25,7 @@ use crate::observe::inventory::{Inventory, Key};
 use crate::{inputs, labels, status, validate};
 
 pub mod decide;
+pub mod peers;
 
 pub const CONTROLLER: &str = "modeldeployment";
 /// The `Ready` reason of a ModelDeployment whose child the API server refused.
@@ -40,7 +41,15 @@ pub struct Ctx {
     /// whose input is unchanged (say, only a pool it cannot use changed) does not
     /// solve again.
     pub plans: Mutex<outrigger_placement::Fleet<Key>>,
+    /// The lost peers whose share each deployment took over (announced once per loss).
+    pub took_over: Mutex<std::collections::HashSet<(Key, String, Timestamp)>>,
 }
+
+/// How soon a pass waiting for a peer's standing looks again.
+const PEER_WAIT: Duration = Duration::from_secs(1);
+/// Served by peers, a plan also reads pool counts, whose changes trigger no pass:
+/// look again this often.
+const PEER_RECHECK: Duration = Duration::from_secs(5);
 
 impl Ctx {
     pub fn new(shared: Arc<Context>) -> Ctx {
@@ -49,6 +58,7 @@ impl Ctx {
             failovers: Mutex::default(),
             // The status quotes only a plan's typed words.
             plans: Mutex::new(outrigger_placement::Fleet::without_explanations()),
+            took_over: Mutex::default(),
         }
     }
 }
@@ -104,8 +114,12 @@ fn key_of(md: &ModelDeployment) -> Key {
 async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     let key = key_of(md);
     if md.metadata.deletion_timestamp.is_some() {
-        // Children carry owner references: the garbage collector removes them.
+        // Children carry owner references: the garbage collector removes them,
+        // once a copy served with peers has handed its share over.
         ctx.plans.lock().await.forget(&key);
+        if md.finalizers().iter().any(|f| f == peers::FINALIZER) {
+            return hand_over(md, &key, &ctx.shared).await;
+        }
         return Ok(Action::await_change());
     }
     let errors = validate::model_deployment(&md.spec);
@@ -127,9 +141,40 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     let inventory = shared.stores.inventory(now);
     let grace = Duration::from_secs(u64::from(md.spec.failover.unhealthy_after_seconds));
     let rebalance = Duration::from_secs(u64::from(md.spec.failover.rebalance_after_seconds));
-    let view = inventory.view(&key, grace, rebalance, now);
+    let observed = match &shared.peers {
+        Some(peers) => peers::observe(md, &key, &inventory, peers, (grace, rebalance), now),
+        None => peers::Observed::Alone,
+    };
+    let (view, current, ready, pools, cluster, differ, lost) = match observed {
+        peers::Observed::Alone => (
+            inventory.view(&key, grace, rebalance, now),
+            inventory.current(&key),
+            inventory.ready(&key),
+            inventory.pool_refs(),
+            None,
+            None,
+            Vec::new(),
+        ),
+        peers::Observed::Wait(peer) => {
+            tracing::debug!(%peer, "waiting to hear from a peer before planning");
+            return Ok(Action::requeue(PEER_WAIT));
+        }
+        peers::Observed::Peers { view, differ, lost } => (
+            view.view,
+            view.current,
+            view.ready,
+            view.pools,
+            shared.peers.as_ref().map(|p| p.me.name.as_str()),
+            Some(differ),
+            lost,
+        ),
+    };
+    if cluster.is_some() && !md.finalizers().iter().any(|f| f == peers::FINALIZER) {
+        // Served with peers: a deleted copy hands its share over before its replicas go.
+        set_finalizer(md, &shared.applier, true).await?;
+    }
     let mut request = inputs::request(md);
-    request.current = inventory.current(&key);
+    request.current = current;
     // Solves only when the input changed: a pool this deployment cannot use does
     // not enter its digest beyond what makes it ineligible (placement::Fleet).
     let planned = ctx.plans.lock().await.plan(&key, &request, &view.pools);
@@ -143,19 +188,49 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     let failing_over = ctx.failovers.lock().await.get(&key).copied();
 
     // Decide, without I/O.
-    let decision = decide::decide(
+    let mut decision = decide::decide(
         md,
         &decide::Facts {
             key: &key,
+            cluster,
             inventory: &inventory,
             view: &view,
             plan: &planned.plan,
+            pools: &pools,
             current: &request.current,
+            ready: &ready,
+            in_sync: differ.as_deref(),
             existing: &existing,
             failing_over,
             now,
         },
     );
+    if cluster.is_some() {
+        decision.requeue = decision.requeue.min(PEER_RECHECK);
+        let mut took_over = ctx.took_over.lock().await;
+        for gone in lost.iter().filter(|l| l.replicas > 0) {
+            if took_over.insert((key.clone(), gone.peer.clone(), gone.since)) {
+                decision.notes.push(decide::Note {
+                    warning: true,
+                    reason: "TookOverShare",
+                    message: format!(
+                        "cluster {} is lost (since {}, {:.1} s ago, unreachable for its unreachableAfterSeconds): its {} replica(s) are planned on the clusters that remain: {}",
+                        gone.peer,
+                        gone.since,
+                        now.duration_since(gone.since).as_secs_f64(),
+                        gone.replicas,
+                        planned
+                            .plan
+                            .placements
+                            .iter()
+                            .map(|p| format!("{}={}", p.pool, p.replicas))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                });
+            }
+        }
+    }
 
     tracing::debug!(writes = decision.writes(), "decided");
 
@@ -247,6 +322,89 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
         shared.metrics.set_replicas(labels_, replicas);
     }
     Ok(Action::requeue(decision.requeue))
+}
+
+/// A deleted copy served with peers: its replicas stay until the copies in the
+/// other clusters have the deployment's replicas Ready (they plan without this
+/// cluster once its copy is being deleted), then the finalizer goes and the garbage
+/// collector removes the children. With no other copy served, or after
+/// `peers::HAND_OVER_LIMIT`, it goes at once.
+async fn hand_over(md: &ModelDeployment, key: &Key, shared: &Context) -> Result<Action, Error> {
+    let now = shared.now();
+    let since = md.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
+    let handed = shared
+        .peers
+        .as_ref()
+        .map_or(peers::Handover::Nobody, |p| peers::handover(key, p));
+    let waited = now.duration_since(since).as_secs_f64();
+    let (done, note) = match handed {
+        peers::Handover::Nobody => (true, None),
+        peers::Handover::Ready { ready, clusters }
+            if ready >= md.spec.replicas.max(0).unsigned_abs() =>
+        {
+            (
+                true,
+                Some((
+                    EventType::Normal,
+                    "HandedOver",
+                    format!(
+                        "this copy is deleted: {ready} replicas are Ready in {} after {waited:.1} s; removing this cluster's replicas",
+                        clusters.join(", ")
+                    ),
+                )),
+            )
+        }
+        peers::Handover::Ready { ready, .. } if waited >= peers::HAND_OVER_LIMIT.as_secs_f64() => (
+            true,
+            Some((
+                EventType::Warning,
+                "HandOverTimedOut",
+                format!(
+                    "this copy is deleted, but after {waited:.0} s the other clusters have only {ready} of {} replicas Ready; removing this cluster's replicas anyway",
+                    md.spec.replicas
+                ),
+            )),
+        ),
+        peers::Handover::Ready { .. } => (false, None),
+    };
+    if !done {
+        return Ok(Action::requeue(PEER_WAIT));
+    }
+    set_finalizer(md, &shared.applier, false).await?;
+    if let Some((type_, reason, message)) = note {
+        publish(shared, &md.object_ref(&()), type_, reason, message).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// Adds or removes the peers finalizer, as a merge patch guarded by the
+/// resourceVersion read (a conflict is retried).
+async fn set_finalizer(md: &ModelDeployment, applier: &Applier, add: bool) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = md
+        .finalizers()
+        .iter()
+        .filter(|f| f.as_str() != peers::FINALIZER)
+        .cloned()
+        .collect();
+    if add {
+        finalizers.push(peers::FINALIZER.to_string());
+    }
+    let api: kube::Api<ModelDeployment> = kube::Api::namespaced(
+        applier.client().clone(),
+        &md.namespace().unwrap_or_default(),
+    );
+    let patch = serde_json::json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": md.resource_version(),
+    }});
+    api.patch(
+        &md.name_any(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|source| Error::Finalizer(format!("ModelDeployment {}: {source}", md.name_any())))?;
+    Ok(())
 }
 
 /// The children the caches hold for `key`.

@@ -1,0 +1,666 @@
+//! Peers: for each PeerCluster, a read-only link to the peer's API server. The link
+//! mirrors what the peer publishes (its GpuNodePools, its ModelDeployment copies,
+//! their child Deployments and its PeerClusters) and probes, once a second, that
+//! its API answers and that its operator holds its leader Lease. A peer silent for
+//! `unreachableAfterSeconds` is lost; its next answer makes it back. Nothing here
+//! writes to a peer: every call is a get, a list or a watch.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::Api;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use outrigger_crds::{
+    CLUSTER_NAME_ANNOTATION, GpuNodePool, ModelDeployment, PeerCluster, VERSION_ANNOTATION,
+};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::trim;
+use super::watch::{Notify, mirror_task};
+use crate::controller::Clock;
+use crate::labels;
+
+/// How often a peer is probed.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long one probe call may take before the peer counts as not answering.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a peer publishes, as this cluster's reflectors mirror it.
+#[derive(Clone)]
+pub struct Remote {
+    pub pools: Store<GpuNodePool>,
+    pub copies: Store<DeserializeGuard<ModelDeployment>>,
+    pub children: Store<Deployment>,
+    pub peers: Store<PeerCluster>,
+}
+
+/// Why the last probe of a peer failed, in the words its PeerCluster shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+    /// A configuration mistake (the kubeconfig reaches the wrong cluster): the
+    /// peer takes no part in planning, and nothing is taken over from it either.
+    pub misconfigured: bool,
+}
+
+/// What the probes found, and the lost and back transitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contact {
+    /// The last time its API answered and its operator held the Lease.
+    pub last_seen: Option<Timestamp>,
+    pub problem: Option<Problem>,
+    /// `gitVersion` of its API server.
+    pub version: Option<String>,
+    /// Its Outrigger's version, from the Lease.
+    pub operator_version: Option<String>,
+    /// Since when it has counted as lost.
+    pub lost_since: Option<Timestamp>,
+    /// When it last came back after being lost.
+    pub back_since: Option<Timestamp>,
+}
+
+/// How a peer takes part in planning now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Not heard from yet, and not silent long enough to count as lost: plans wait.
+    Waiting,
+    /// Its published facts count (perhaps a few seconds stale).
+    Serving,
+    /// Silent for `unreachableAfterSeconds`: the others take its share.
+    Lost { since: Timestamp },
+    /// Its kubeconfig reaches the wrong cluster: left out.
+    Misconfigured,
+}
+
+/// The link to one peer.
+pub struct Link {
+    pub name: String,
+    /// Of the PeerCluster's spec and the Secret's version: a change makes a new link.
+    pub fingerprint: u64,
+    pub server: String,
+    pub started: Timestamp,
+    pub remote: Remote,
+    pub contact: Arc<Mutex<Contact>>,
+    synced: Arc<AtomicBool>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Link {
+    pub fn contact(&self) -> Contact {
+        self.contact
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every mirror has listed once.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn standing(&self) -> Standing {
+        standing(&self.contact(), self.synced())
+    }
+}
+
+/// How a peer with this contact takes part in planning.
+pub fn standing(contact: &Contact, synced: bool) -> Standing {
+    if contact.problem.as_ref().is_some_and(|p| p.misconfigured) {
+        return Standing::Misconfigured;
+    }
+    if let Some(since) = contact.lost_since {
+        return Standing::Lost { since };
+    }
+    if synced && contact.last_seen.is_some() {
+        Standing::Serving
+    } else {
+        Standing::Waiting
+    }
+}
+
+/// One probe's outcome: the peer answered and leads, or why not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Answered {
+        version: String,
+        operator_version: Option<String>,
+    },
+    Failed(Problem),
+}
+
+/// The contact after one probe at `now`: seen, or silent; lost once silent for
+/// `unreachable_after` (counted from `started` for a peer never seen), back on the
+/// first answer after that.
+pub fn after_probe(
+    mut contact: Contact,
+    probe: Probe,
+    started: Timestamp,
+    unreachable_after: Duration,
+    now: Timestamp,
+) -> Contact {
+    match probe {
+        Probe::Answered {
+            version,
+            operator_version,
+        } => {
+            contact.last_seen = Some(now);
+            contact.problem = None;
+            contact.version = Some(version);
+            contact.operator_version = operator_version;
+            if contact.lost_since.take().is_some() {
+                contact.back_since = Some(now);
+            }
+        }
+        Probe::Failed(problem) => {
+            let misconfigured = problem.misconfigured;
+            contact.problem = Some(problem);
+            let silent_since = contact.last_seen.unwrap_or(started);
+            let limit = SignedDuration::try_from(unreachable_after).unwrap_or(SignedDuration::MAX);
+            if !misconfigured && contact.lost_since.is_none() && silent_since + limit <= now {
+                contact.lost_since = Some(now);
+                contact.back_since = None;
+            }
+        }
+    }
+    contact
+}
+
+/// A peer that answers but whose mirrors have not listed within `unreachable_after`
+/// of the link's start cannot be planned with: left out, not waited for.
+pub fn unreadable(
+    peer: &str,
+    synced: bool,
+    started: Timestamp,
+    unreachable_after: Duration,
+    now: Timestamp,
+) -> Option<Problem> {
+    let limit = SignedDuration::try_from(unreachable_after).unwrap_or(SignedDuration::MAX);
+    (!synced && started + limit <= now).then(|| Problem {
+        reason: "NotReadable",
+        message: format!(
+            "cluster {peer} answers, but its GpuNodePools, ModelDeployments, Deployments or PeerClusters could not be listed within spec.unreachableAfterSeconds: install the Outrigger CRDs there (kubectl apply -f crds/), and bind the token's ServiceAccount to the ClusterRole outrigger-peer-reader (outrigger peer add)"
+        ),
+        misconfigured: true,
+    })
+}
+
+/// Who this cluster is, for telling a peer apart from itself.
+#[derive(Debug, Clone)]
+pub struct Me {
+    /// `--cluster-name`.
+    pub name: String,
+    /// The UID of this cluster's `kube-system` namespace.
+    pub uid: Option<String>,
+    /// The leader Lease's name, which peers use too.
+    pub lease_name: String,
+}
+
+/// The links to every peer, and a channel poked whenever what they publish, or
+/// their standing, changes.
+pub struct Peers {
+    pub me: Me,
+    links: Mutex<BTreeMap<String, Arc<Link>>>,
+    /// PeerClusters that existed at start and have not been linked (or found
+    /// unusable) yet: until then no plan is made, or it would leave them out.
+    pending: Mutex<std::collections::BTreeSet<String>>,
+    pub changed: watch::Sender<u64>,
+    clock: Clock,
+}
+
+impl Peers {
+    pub fn new(me: Me, clock: Clock) -> Peers {
+        Peers {
+            me,
+            links: Mutex::default(),
+            pending: Mutex::default(),
+            changed: watch::channel(0).0,
+            clock,
+        }
+    }
+
+    fn poke(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The PeerClusters there are at start: plans wait for each to be linked.
+    pub fn expect(&self, names: impl IntoIterator<Item = String>) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(names);
+    }
+
+    /// The PeerCluster `name` has been linked, found unusable, or deleted.
+    pub fn settled(&self, name: &str) {
+        let removed = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if removed {
+            self.poke();
+        }
+    }
+
+    /// A PeerCluster that existed at start and is not linked yet.
+    pub fn pending(&self) -> Option<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .cloned()
+    }
+
+    /// Every link, by peer name.
+    pub fn links(&self) -> Vec<Arc<Link>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn link(&self, name: &str) -> Option<Arc<Link>> {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Drops the link to `name` (its PeerCluster is gone or cannot be used).
+    pub fn drop_link(&self, name: &str) {
+        let removed = self
+            .links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if removed.is_some() {
+            tracing::info!(peer = %name, "dropped the link to a peer");
+            self.poke();
+        }
+    }
+
+    /// Starts (or keeps, when `fingerprint` is the same) the link to `peer`,
+    /// through `client`. `contact` carries the lost and back times of a link
+    /// before this one (from the PeerCluster's status), so a restart keeps them.
+    pub fn ensure(
+        self: &Arc<Self>,
+        peer: &PeerCluster,
+        client: Client,
+        server: String,
+        fingerprint: u64,
+        contact: Contact,
+    ) -> Arc<Link> {
+        let name = peer.name_any();
+        if let Some(link) = self.link(&name).filter(|l| l.fingerprint == fingerprint) {
+            return link;
+        }
+        let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+        let poke = self.changed.clone();
+        let mut tasks = Vec::new();
+        let remote = Remote {
+            pools: keep(
+                &mut tasks,
+                mirror_task(
+                    Api::<GpuNodePool>::all(client.clone()),
+                    watcher::Config::default(),
+                    trim::pool,
+                    Notify::Fingerprint(poke.clone(), published_pool),
+                    None,
+                ),
+            ),
+            copies: keep(
+                &mut tasks,
+                mirror_task(
+                    Api::<DeserializeGuard<ModelDeployment>>::all(client.clone()),
+                    watcher::Config::default(),
+                    trim::pool,
+                    Notify::Fingerprint(poke.clone(), published_copy),
+                    None,
+                ),
+            ),
+            children: keep(
+                &mut tasks,
+                mirror_task(
+                    Api::<Deployment>::all(client.clone()),
+                    watcher::Config::default().labels(&managed),
+                    trim::deployment,
+                    Notify::Fingerprint(poke.clone(), published_child),
+                    None,
+                ),
+            ),
+            peers: keep(
+                &mut tasks,
+                mirror_task(
+                    Api::<PeerCluster>::all(client.clone()),
+                    watcher::Config::default(),
+                    trim::pool,
+                    Notify::Fingerprint(poke, published_peer),
+                    None,
+                ),
+            ),
+        };
+        let synced = Arc::new(AtomicBool::new(false));
+        let contact = Arc::new(Mutex::new(contact));
+        let started = (self.clock)();
+        {
+            let (remote, synced, peers) = (remote.clone(), synced.clone(), self.clone());
+            tasks.push(
+                tokio::spawn(async move {
+                    let _ = remote.pools.wait_until_ready().await;
+                    let _ = remote.copies.wait_until_ready().await;
+                    let _ = remote.children.wait_until_ready().await;
+                    let _ = remote.peers.wait_until_ready().await;
+                    synced.store(true, Ordering::Release);
+                    peers.poke();
+                })
+                .abort_handle(),
+            );
+        }
+        let unreachable_after = Duration::from_secs(u64::from(peer.spec.unreachable_after_seconds));
+        {
+            let peers = self.clone();
+            let contact = contact.clone();
+            let synced = synced.clone();
+            let namespace = peer.spec.operator_namespace.clone();
+            let name = name.clone();
+            tasks.push(
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(PROBE_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tick.tick().await;
+                        let probe = probe(&client, &peers.me, &name, &namespace).await;
+                        let now = (peers.clock)();
+                        let changed = {
+                            let mut c = contact.lock().unwrap_or_else(|e| e.into_inner());
+                            let before = c.clone();
+                            *c =
+                                after_probe(before.clone(), probe, started, unreachable_after, now);
+                            if c.problem.is_none() {
+                                c.problem = unreadable(
+                                    &name,
+                                    synced.load(Ordering::Acquire),
+                                    started,
+                                    unreachable_after,
+                                    now,
+                                );
+                            }
+                            // A new last-seen time alone changes no plan.
+                            (
+                                before.lost_since,
+                                before.back_since,
+                                before.problem.is_some(),
+                            ) != (c.lost_since, c.back_since, c.problem.is_some())
+                        };
+                        if changed {
+                            peers.poke();
+                        }
+                    }
+                })
+                .abort_handle(),
+            );
+        }
+        let link = Arc::new(Link {
+            name: name.clone(),
+            fingerprint,
+            server,
+            started,
+            remote,
+            contact,
+            synced,
+            tasks,
+        });
+        tracing::info!(peer = %name, server = %link.server, "linked to a peer");
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, link.clone());
+        self.poke();
+        link
+    }
+}
+
+/// A mirror's store, its task kept to be stopped with the link.
+fn keep<K>(tasks: &mut Vec<AbortHandle>, (store, task): (Store<K>, AbortHandle)) -> Store<K>
+where
+    K: kube::Resource + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    tasks.push(task);
+    store
+}
+
+/// Asks the peer's API server for its version, its `kube-system` namespace (is it
+/// this same cluster?) and its operator's leader Lease (does it lead, and which
+/// cluster does it say it is?).
+async fn probe(client: &Client, me: &Me, peer: &str, namespace: &str) -> Probe {
+    let unreachable = |e: String| {
+        Probe::Failed(Problem {
+            reason: "Unreachable",
+            message: format!(
+                "the peer's API server does not answer: {e}; check the kubeconfig's server address, the network between the clusters, and that cluster {peer} is up"
+            ),
+            misconfigured: false,
+        })
+    };
+    let version = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(info)) => info.git_version,
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+    };
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    match tokio::time::timeout(PROBE_TIMEOUT, namespaces.get_opt("kube-system")).await {
+        Ok(Ok(Some(ns))) if ns.metadata.uid.is_some() && ns.metadata.uid == me.uid => {
+            return Probe::Failed(Problem {
+                reason: "SameCluster",
+                message: format!(
+                    "the kubeconfig in spec.kubeconfigSecretRef points back at this cluster ({}): give it the address and token of cluster {peer} (outrigger peer add {peer} --kubeconfig FILE)",
+                    me.name
+                ),
+                misconfigured: true,
+            });
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let lease = match tokio::time::timeout(PROBE_TIMEOUT, leases.get_opt(&me.lease_name)).await {
+        Ok(Ok(lease)) => lease,
+        Ok(Err(e)) => return unreachable(e.to_string()),
+        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+    };
+    let Some(lease) = lease else {
+        return Probe::Failed(Problem {
+            reason: "NotLeading",
+            message: format!(
+                "cluster {peer} has no Lease {namespace}/{}: its Outrigger has never run there; install the chart in namespace {namespace} or set spec.operatorNamespace",
+                me.lease_name
+            ),
+            misconfigured: false,
+        });
+    };
+    let annotations = lease.metadata.annotations.clone().unwrap_or_default();
+    let said = annotations.get(CLUSTER_NAME_ANNOTATION);
+    if said == Some(&me.name) {
+        return Probe::Failed(Problem {
+            reason: "DuplicateName",
+            message: format!(
+                "cluster {peer}'s Outrigger runs with --cluster-name {}, the same as this cluster's: give each cluster its own clusterName (chart value) and name the PeerCluster after it",
+                me.name
+            ),
+            misconfigured: true,
+        });
+    }
+    if let Some(said) = said.filter(|s| s.as_str() != peer) {
+        return Probe::Failed(Problem {
+            reason: "NameMismatch",
+            message: format!(
+                "the peer's Outrigger runs with --cluster-name {said}, but this PeerCluster is named {peer}: rename the PeerCluster to {said} (outrigger peer remove {peer}; outrigger peer add {said} ...)"
+            ),
+            misconfigured: true,
+        });
+    }
+    let spec = lease.spec.unwrap_or_default();
+    let live = spec
+        .holder_identity
+        .as_deref()
+        .is_some_and(|h| !h.is_empty())
+        && spec.renew_time.is_some_and(|t| {
+            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+            t.0 + SignedDuration::from_secs(secs) >= Timestamp::now()
+        });
+    if !live {
+        return Probe::Failed(Problem {
+            reason: "NotLeading",
+            message: format!(
+                "the leader Lease {namespace}/{} of cluster {peer} has no live holder: its Outrigger is not running (kubectl -n {namespace} get pods, in that cluster)",
+                me.lease_name
+            ),
+            misconfigured: false,
+        });
+    }
+    Probe::Answered {
+        version,
+        operator_version: annotations.get(VERSION_ANNOTATION).cloned(),
+    }
+}
+
+fn hash_json<T: serde::Serialize>(value: &T) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    serde_json::to_string(value)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+/// What a peer's pool publishes for planning: its spec, and its status but for the
+/// conditions' words and times.
+fn published_pool(pool: &GpuNodePool) -> u64 {
+    let status = pool.status.clone().map(|mut s| {
+        s.conditions.clear();
+        s
+    });
+    hash_json(&(&pool.spec, status))
+}
+
+fn published_copy(copy: &DeserializeGuard<ModelDeployment>) -> u64 {
+    match &copy.0 {
+        Ok(md) => hash_json(&(&md.spec, md.metadata.deletion_timestamp.is_some())),
+        Err(invalid) => hash_json(&invalid.error),
+    }
+}
+
+fn published_child(child: &Deployment) -> u64 {
+    hash_json(&(
+        child.spec.replicas,
+        child.status.as_ref().and_then(|s| s.ready_replicas),
+    ))
+}
+
+fn published_peer(peer: &PeerCluster) -> u64 {
+    hash_json(&(
+        peer.status.as_ref().and_then(|s| s.lost_since.clone()),
+        peer.status.as_ref().and_then(|s| s.back_since.clone()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn answered() -> Probe {
+        Probe::Answered {
+            version: "v1.37.2".into(),
+            operator_version: Some("0.1.0".into()),
+        }
+    }
+
+    fn failed() -> Probe {
+        Probe::Failed(Problem {
+            reason: "Unreachable",
+            message: "down".into(),
+            misconfigured: false,
+        })
+    }
+
+    const AFTER: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_peer_silent_for_the_limit_is_lost_and_its_next_answer_brings_it_back() {
+        let c = after_probe(Contact::default(), answered(), at(0), AFTER, at(1));
+        assert_eq!(standing(&c, true), Standing::Serving);
+        let c = after_probe(c, failed(), at(0), AFTER, at(5));
+        assert_eq!(standing(&c, true), Standing::Serving, "4 s silent");
+        let c = after_probe(c, failed(), at(0), AFTER, at(6));
+        assert_eq!(standing(&c, true), Standing::Lost { since: at(6) });
+        let c = after_probe(c, failed(), at(0), AFTER, at(9));
+        assert_eq!(c.lost_since, Some(at(6)), "the loss keeps its time");
+        let c = after_probe(c, answered(), at(0), AFTER, at(20));
+        assert_eq!(standing(&c, true), Standing::Serving);
+        assert_eq!(c.back_since, Some(at(20)));
+        assert_eq!(c.lost_since, None);
+    }
+
+    #[test]
+    fn a_peer_never_heard_from_is_waited_for_then_lost() {
+        let c = after_probe(Contact::default(), failed(), at(0), AFTER, at(3));
+        assert_eq!(standing(&c, true), Standing::Waiting);
+        let c = after_probe(c, failed(), at(0), AFTER, at(5));
+        assert!(matches!(standing(&c, true), Standing::Lost { .. }));
+    }
+
+    #[test]
+    fn a_peer_answering_before_its_mirrors_listed_is_waited_for() {
+        let c = after_probe(Contact::default(), answered(), at(0), AFTER, at(1));
+        assert_eq!(standing(&c, false), Standing::Waiting);
+    }
+
+    #[test]
+    fn a_peer_whose_mirrors_never_list_is_left_out_once_the_limit_passes() {
+        assert_eq!(unreadable("p", false, at(0), AFTER, at(4)), None);
+        assert_eq!(unreadable("p", true, at(0), AFTER, at(60)), None);
+        let problem = unreadable("p", false, at(0), AFTER, at(5)).expect("unreadable");
+        assert!(problem.misconfigured);
+        assert_eq!(problem.reason, "NotReadable");
+    }
+
+    #[test]
+    fn a_misconfigured_peer_is_left_out_and_never_lost() {
+        let wrong = Probe::Failed(Problem {
+            reason: "SameCluster",
+            message: "points back".into(),
+            misconfigured: true,
+        });
+        let c = after_probe(Contact::default(), wrong, at(0), AFTER, at(60));
+        assert_eq!(standing(&c, true), Standing::Misconfigured);
+        assert_eq!(c.lost_since, None);
+    }
+}

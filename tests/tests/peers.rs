@@ -1,0 +1,717 @@
+//! Peers end to end on `hack/peers` (clusters `aws` and `azure`, one operator in
+//! each, registered with `outrigger peer add`): one ModelDeployment applied to both
+//! is placed across the clusters within its rules, a whole cluster lost moves its
+//! share to the other within seconds, its return brings the split back without a
+//! dip, a partition makes both sides serve everything and healing converges, and
+//! no peer identity ever writes.
+//!
+//! Runs only with `OUTRIGGER_PEERS_E2E=1` and the environment of `hack/e2e-peers`;
+//! otherwise it says why and passes. Everything it creates has a name of its own
+//! and is removed at the end, also when it fails.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt};
+use outrigger_crds::{GpuNodePool, ModelDeployment, PeerCluster};
+use outrigger_tests::e2e::Operator;
+use outrigger_tests::harness::{eventually, repo_root};
+use serde_json::json;
+
+/// Nodes boot in 2 s; a failover takes seconds. Generous, as the machine may be busy.
+const DEADLINE: Duration = Duration::from_secs(120);
+const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000peer6";
+/// Seconds of silence after which a peer is lost.
+const UNREACHABLE_AFTER: u32 = 5;
+/// The deployment's `rebalanceAfterSeconds`.
+const REBALANCE: u32 = 20;
+const REPLICAS: u32 = 5;
+/// Where the operators keep their Leases, and where the peer Secrets go.
+const NAMESPACE: &str = "default";
+
+fn requested() -> bool {
+    let on = std::env::var("OUTRIGGER_PEERS_E2E").is_ok_and(|v| v == "1");
+    if !on {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping peers: it needs the clusters of hack/peers. Run `hack/e2e-peers` (or `make test`)."
+        );
+    }
+    on
+}
+
+fn peers_dir() -> PathBuf {
+    std::env::var_os("OUTRIGGER_PEERS_DIR")
+        .map(PathBuf::from)
+        .expect("OUTRIGGER_PEERS_DIR (hack/e2e-peers sets it)")
+}
+
+fn kubeconfig(name: &str) -> PathBuf {
+    peers_dir().join(name).join("kubeconfig")
+}
+
+async fn client(name: &str) -> Client {
+    let path = kubeconfig(name);
+    let file = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .expect("a client config");
+    config.connect_timeout = Some(Duration::from_secs(2));
+    config.read_timeout = Some(Duration::from_secs(5));
+    Client::try_from(config).expect("a client")
+}
+
+/// `hack/peers ARGS...`; panics with its stderr when it fails.
+fn peers(args: &[&str]) -> String {
+    let output = std::process::Command::new(repo_root().join("hack/peers"))
+        .args(args)
+        .output()
+        .expect("run hack/peers");
+    assert!(
+        output.status.success(),
+        "hack/peers {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn outrigger_bin() -> PathBuf {
+    std::env::var_os("OUTRIGGER_BIN")
+        .map(PathBuf::from)
+        .expect("OUTRIGGER_BIN (hack/e2e-peers sets it)")
+}
+
+/// `outrigger ARGS...` against cluster `name`; its stdout, or its stderr as the error.
+fn outrigger(name: &str, args: &[&str]) -> Result<String, String> {
+    let output = std::process::Command::new(outrigger_bin())
+        .env("KUBECONFIG", kubeconfig(name))
+        .args(args)
+        .output()
+        .expect("run outrigger");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+struct Run {
+    suffix: String,
+    aws: Client,
+    azure: Client,
+}
+
+impl Run {
+    fn namespace(&self) -> String {
+        format!("peers-{}", self.suffix)
+    }
+    fn pool(&self, cluster: &str) -> String {
+        format!("peers-{cluster}-{}", self.suffix)
+    }
+    fn kube(&self, cluster: &str) -> &Client {
+        if cluster == "aws" {
+            &self.aws
+        } else {
+            &self.azure
+        }
+    }
+}
+
+const MD: &str = "llm";
+
+fn pools(run: &Run) -> [(&'static str, serde_json::Value); 2] {
+    [
+        (
+            "aws",
+            json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+                "metadata": {"name": run.pool("aws")},
+                "spec": {
+                    "provider": "aws", "region": "us-east-1", "zone": "us-east-1a",
+                    "instanceType": "p5.48xlarge", "gpu": {"type": "H100", "count": 8},
+                    "pricePerNodeHour": 98.32, "nodes": {"min": 0, "max": 4},
+                    "scaling": {"aws": {"launchTemplate": {"name": format!("peers-{}", run.suffix)}}},
+                },
+            }),
+        ),
+        (
+            "azure",
+            json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+                "metadata": {"name": run.pool("azure")},
+                "spec": {
+                    "provider": "azure", "region": "eastus", "zone": "1",
+                    "instanceType": "Standard_ND96isr_H100_v5", "gpu": {"type": "H100", "count": 8},
+                    "pricePerNodeHour": 110.0, "nodes": {"min": 0, "max": 4},
+                    "scaling": {"azure": {
+                        "subscriptionId": SUBSCRIPTION, "resourceGroup": run.namespace(),
+                        "scaleSetName": format!("peers{}", run.suffix),
+                    }},
+                },
+            }),
+        ),
+    ]
+}
+
+fn model(run: &Run) -> serde_json::Value {
+    json!({
+        "apiVersion": "outrigger.dev/v1alpha1", "kind": "ModelDeployment",
+        "metadata": {"name": MD, "namespace": run.namespace()},
+        "spec": {
+            "replicas": REPLICAS,
+            "gpu": {"count": 1, "types": ["H100"]},
+            "template": {"spec": {"containers": [{"name": "server", "image": "server:1"}]}},
+            "placement": {"spread": [{"by": "provider", "minGroups": 2, "maxShare": 60}]},
+            "failover": {"unhealthyAfterSeconds": 5, "rebalanceAfterSeconds": REBALANCE},
+        },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the clusters of hack/peers: hack/e2e-peers runs it"]
+async fn peers_serve_one_deployment_and_survive_losing_a_cluster() {
+    if !requested() {
+        return;
+    }
+    let run = Run {
+        suffix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+        aws: client("aws").await,
+        azure: client("azure").await,
+    };
+    let mut operators = BTreeMap::new();
+    let outcome = AssertUnwindSafe(steps(&run, &mut operators))
+        .catch_unwind()
+        .await;
+    clean_up(&run, operators).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn start_operator(cluster: &str) -> Operator {
+    let kubeconfig = kubeconfig(cluster);
+    let ec2 = std::env::var("AWS_ENDPOINT_URL_EC2").expect("AWS_ENDPOINT_URL_EC2");
+    let azure = std::env::var("AZURE_ENDPOINT_URL").expect("AZURE_ENDPOINT_URL");
+    Operator::start_with(
+        &format!("peers-{cluster}"),
+        &[("KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))],
+        &[
+            "--cluster-name",
+            cluster,
+            "--aws-endpoint-url",
+            &ec2,
+            "--azure-endpoint-url",
+            &azure,
+            "--azure-token",
+            "e2e",
+            "--scale-down-after-seconds",
+            "600",
+        ],
+    )
+    .await
+}
+
+async fn steps(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {
+    set_up(run, operators).await;
+    placed_across_clusters_within_the_rules(run).await;
+    a_whole_cluster_lost_moves_its_share(run, operators).await;
+    for mode in ["refuse", "blackhole"] {
+        a_partition_makes_both_serve_and_healing_converges(run, mode).await;
+    }
+    deleting_one_copy_then_the_other(run).await;
+    no_peer_identity_writes(run);
+}
+
+async fn apply_json(kube: &Client, value: &serde_json::Value) {
+    let params = PatchParams::apply("peers-e2e").force();
+    let name = value["metadata"]["name"].as_str().unwrap().to_string();
+    match value["kind"].as_str().unwrap() {
+        "GpuNodePool" => {
+            Api::<GpuNodePool>::all(kube.clone())
+                .patch(&name, &params, &Patch::Apply(value))
+                .await
+                .expect("apply the pool");
+        }
+        "ModelDeployment" => {
+            let ns = value["metadata"]["namespace"].as_str().unwrap();
+            Api::<ModelDeployment>::namespaced(kube.clone(), ns)
+                .patch(&name, &params, &Patch::Apply(value))
+                .await
+                .expect("apply the ModelDeployment");
+        }
+        other => panic!("no apply for {other}"),
+    }
+}
+
+async fn set_up(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {
+    for kube in [&run.aws, &run.azure] {
+        let crds: Api<CustomResourceDefinition> = Api::all(kube.clone());
+        for crd in outrigger_crds::crds() {
+            crds.patch(
+                &crd.name_any(),
+                &PatchParams::apply("peers-e2e").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .expect("apply a CRD");
+        }
+        let namespaces: Api<Namespace> = Api::all(kube.clone());
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": run.namespace()}})).unwrap();
+        match namespaces.create(&PostParams::default(), &ns).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("create the namespace: {e}"),
+        }
+    }
+    for cluster in ["aws", "azure"] {
+        eventually(
+            &format!("the PeerCluster CRD served in {cluster}"),
+            DEADLINE,
+            || async {
+                Api::<PeerCluster>::all(run.kube(cluster).clone())
+                    .list(&ListParams::default())
+                    .await
+                    .ok()
+            },
+        )
+        .await;
+    }
+    // The clouds behind each cluster's pool, then the pools, each in its own cluster.
+    let dir = std::env::temp_dir().join(format!("outrigger-peers-{}", run.suffix));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    for (cluster, pool) in pools(run) {
+        let file = dir.join(format!("{cluster}.json"));
+        std::fs::write(&file, pool.to_string()).expect("write the pool");
+        peers(&["clouds", cluster, file.to_str().unwrap()]);
+        apply_json(run.kube(cluster), &pool).await;
+    }
+    for cluster in ["aws", "azure"] {
+        operators.insert(cluster, start_operator(cluster).await);
+    }
+    // Each reaches the other through its loopback link, which a partition cuts.
+    let to_azure = peers(&["env", "aws", "--peer", "azure"]);
+    let to_aws = peers(&["env", "azure", "--peer", "aws"]);
+    let unreachable = UNREACHABLE_AFTER.to_string();
+    let azure_kubeconfig = kubeconfig("azure");
+    let args = [
+        "peer",
+        "add",
+        "azure",
+        "--kubeconfig",
+        azure_kubeconfig.to_str().unwrap(),
+        "--cluster-name",
+        "aws",
+        "--namespace",
+        NAMESPACE,
+        "--peer-server",
+        to_azure.trim(),
+        "--server",
+        to_aws.trim(),
+        "--unreachable-after-seconds",
+        &unreachable,
+    ];
+    let said = outrigger("aws", &args).unwrap_or_else(|e| panic!("outrigger peer add: {e}"));
+    println!("{said}");
+    // Again: nothing changes.
+    let versions = |kube: Client| async move {
+        Api::<PeerCluster>::all(kube)
+            .list(&ListParams::default())
+            .await
+            .expect("list PeerClusters")
+            .items
+            .iter()
+            .map(|p| (p.name_any(), p.metadata.generation))
+            .collect::<Vec<_>>()
+    };
+    let before = versions(run.azure.clone()).await;
+    outrigger("aws", &args).unwrap_or_else(|e| panic!("outrigger peer add, again: {e}"));
+    assert_eq!(
+        versions(run.azure.clone()).await,
+        before,
+        "a second add changes nothing"
+    );
+    for (cluster, peer) in [("aws", "azure"), ("azure", "aws")] {
+        eventually(
+            &format!("PeerCluster {peer} in {cluster} Reachable and Mutual"),
+            DEADLINE,
+            || async {
+                let p = Api::<PeerCluster>::all(run.kube(cluster).clone())
+                    .get(peer)
+                    .await
+                    .ok()?;
+                let conditions = p.status?.conditions;
+                let ok = |t: &str| {
+                    conditions
+                        .iter()
+                        .any(|c| c.type_ == t && c.status == "True")
+                };
+                (ok("Reachable") && ok("Mutual")).then_some(())
+            },
+        )
+        .await;
+    }
+    for cluster in ["aws", "azure"] {
+        apply_json(run.kube(cluster), &model(run)).await;
+    }
+}
+
+/// Replicas and ready replicas of the deployment's children in one cluster; `None`
+/// when the cluster does not answer.
+async fn share(kube: &Client, namespace: &str) -> Option<(u32, u32)> {
+    let list = Api::<Deployment>::namespaced(kube.clone(), namespace)
+        .list(&ListParams::default().labels(&format!("outrigger.dev/deployment={MD}")))
+        .await
+        .ok()?;
+    let count = |n: Option<i32>| n.unwrap_or(0).max(0).unsigned_abs();
+    Some(list.items.iter().fold((0, 0), |(r, ready), d| {
+        (
+            r + count(d.spec.replicas),
+            ready + count(d.status.as_ref().and_then(|s| s.ready_replicas)),
+        )
+    }))
+}
+
+/// The placements a copy's status shows: (cluster, pool) -> replicas.
+async fn placements(kube: &Client, namespace: &str) -> Option<BTreeMap<(String, String), i32>> {
+    let md = Api::<ModelDeployment>::namespaced(kube.clone(), namespace)
+        .get(MD)
+        .await
+        .ok()?;
+    Some(
+        md.status?
+            .placements
+            .into_iter()
+            .map(|p| ((p.cluster.unwrap_or_default(), p.pool), p.replicas))
+            .collect(),
+    )
+}
+
+async fn placed_across_clusters_within_the_rules(run: &Run) {
+    let ns = run.namespace();
+    let split = eventually("3 Ready on aws and 2 on azure", DEADLINE, || async {
+        let aws = share(&run.aws, &ns).await?;
+        let azure = share(&run.azure, &ns).await?;
+        (aws == (3, 3) && azure == (2, 2)).then_some((aws, azure))
+    })
+    .await;
+    println!(
+        "placed across clusters: aws {:?}, azure {:?} (replicas, ready)",
+        split.0, split.1
+    );
+    let expected = BTreeMap::from([
+        (("aws".to_string(), run.pool("aws")), 3),
+        (("azure".to_string(), run.pool("azure")), 2),
+    ]);
+    for cluster in ["aws", "azure"] {
+        eventually(
+            &format!("the copy in {cluster} to show the plan over both clusters"),
+            DEADLINE,
+            || async { (placements(run.kube(cluster), &ns).await? == expected).then_some(()) },
+        )
+        .await;
+    }
+    let providers = Api::<ModelDeployment>::namespaced(run.azure.clone(), &ns)
+        .get(MD)
+        .await
+        .expect("the copy")
+        .status
+        .and_then(|s| s.providers);
+    assert_eq!(
+        providers.as_deref(),
+        Some("aws=3 azure=2"),
+        "the Providers column sums over clusters"
+    );
+}
+
+/// The whole aws cloud goes: its control plane is killed and its nodes go down
+/// (a provider outage). Then its control plane comes back, with its nodes still
+/// down, and later the nodes too.
+async fn a_whole_cluster_lost_moves_its_share(
+    run: &Run,
+    operators: &mut BTreeMap<&'static str, Operator>,
+) {
+    let ns = run.namespace();
+    let down = Instant::now();
+    peers(&["fault", "down", "aws"]);
+    let stopped = down.elapsed().as_secs_f64();
+    peers(&["fault", "outage", "aws"]);
+    eventually("every replica Ready in azure", DEADLINE, || async {
+        (share(&run.azure, &ns).await? == (REPLICAS, REPLICAS)).then_some(())
+    })
+    .await;
+    let took = down.elapsed().as_secs_f64();
+    println!(
+        "cluster aws down: all {REPLICAS} replicas Ready in azure {took:.1} s after `fault down aws` began (the kill itself took {stopped:.1} s; unreachableAfterSeconds {UNREACHABLE_AFTER})"
+    );
+    // The aws operator lost its API; it restarts with the cluster.
+    if let Some(old) = operators.remove("aws") {
+        old.kill().await;
+    }
+    let up = Instant::now();
+    peers(&["fault", "up", "aws"]);
+    operators.insert("aws", start_operator("aws").await);
+    // Never under the replicas Ready, and aws never runs more than its share (no
+    // full copy): first its lost nodes' replicas go, then, once its nodes are back
+    // and rebalanceAfterSeconds have passed, the split returns.
+    let mut aws_most = 0;
+    let mut fewest = u32::MAX;
+    let mut sample = || async {
+        let azure = share(&run.azure, &ns).await.unwrap_or_default();
+        let aws = share(&run.aws, &ns).await.unwrap_or_default();
+        (aws, azure)
+    };
+    loop {
+        let (aws, azure) = sample().await;
+        aws_most = aws_most.max(aws.0);
+        fewest = fewest.min(aws.1 + azure.1);
+        if aws == (0, 0) && azure == (REPLICAS, REPLICAS) {
+            break;
+        }
+        assert!(
+            up.elapsed() < DEADLINE,
+            "aws's lost replicas did not go: aws {aws:?} azure {azure:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let recovered = Instant::now();
+    peers(&["fault", "recover", "aws"]);
+    loop {
+        let (aws, azure) = sample().await;
+        aws_most = aws_most.max(aws.0);
+        fewest = fewest.min(aws.1 + azure.1);
+        if aws == (3, 3) && azure == (2, 2) {
+            break;
+        }
+        assert!(
+            recovered.elapsed() < DEADLINE + Duration::from_secs(u64::from(REBALANCE)),
+            "the split did not come back: aws {aws:?} azure {azure:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "cluster aws back: its lost replicas gone {:.1} s after `up`; split 3/2 again {:.1} s after its nodes recovered (rebalanceAfterSeconds {REBALANCE}); fewest Ready sampled {fewest}, most replicas on aws {aws_most}",
+        recovered.duration_since(up).as_secs_f64(),
+        recovered.elapsed().as_secs_f64()
+    );
+    assert!(
+        fewest >= REPLICAS,
+        "a sampled moment had only {fewest} Ready"
+    );
+    assert!(
+        aws_most < REPLICAS,
+        "aws launched a full copy ({aws_most} replicas)"
+    );
+}
+
+async fn a_partition_makes_both_serve_and_healing_converges(run: &Run, mode: &str) {
+    let ns = run.namespace();
+    peers(&["fault", "partition", "aws", "azure", "--mode", mode]);
+    let mut most = 0;
+    let mut fewest = u32::MAX;
+    eventually(
+        &format!("both sides serving every replica ({mode})"),
+        DEADLINE,
+        || async {
+            let aws = share(&run.aws, &ns).await?;
+            let azure = share(&run.azure, &ns).await?;
+            (aws.1 == REPLICAS && azure.1 == REPLICAS).then_some(())
+        },
+    )
+    .await;
+    peers(&["fault", "heal", "aws", "azure"]);
+    let started = Instant::now();
+    loop {
+        let aws = share(&run.aws, &ns).await.unwrap_or_default();
+        let azure = share(&run.azure, &ns).await.unwrap_or_default();
+        most = most.max(aws.0 + azure.0);
+        fewest = fewest.min(aws.1 + azure.1);
+        if aws.0 + azure.0 == REPLICAS && aws.1 + azure.1 == REPLICAS {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE + Duration::from_secs(u64::from(REBALANCE)),
+            "the sides did not converge ({mode}): aws {aws:?} azure {azure:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "partition ({mode}) healed: {REPLICAS} replicas again after {:.1} s; fewest Ready sampled {fewest}, most replicas {most}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        fewest >= REPLICAS,
+        "a sampled moment had only {fewest} Ready"
+    );
+    assert!(most <= 2 * REPLICAS, "{most} replicas at once");
+    // The split returns after the rebalance window.
+    eventually("the split 3/2 again", DEADLINE, || async {
+        let aws = share(&run.aws, &ns).await?;
+        let azure = share(&run.azure, &ns).await?;
+        (aws == (3, 3) && azure == (2, 2)).then_some(())
+    })
+    .await;
+}
+
+/// Deleting the aws copy moves its share to azure before its replicas go; deleting
+/// the azure copy then removes everything.
+async fn deleting_one_copy_then_the_other(run: &Run) {
+    let ns = run.namespace();
+    Api::<ModelDeployment>::namespaced(run.aws.clone(), &ns)
+        .delete(MD, &DeleteParams::default())
+        .await
+        .expect("delete the aws copy");
+    let started = Instant::now();
+    let mut fewest = u32::MAX;
+    loop {
+        let aws = share(&run.aws, &ns).await.unwrap_or_default();
+        let azure = share(&run.azure, &ns).await.unwrap_or_default();
+        fewest = fewest.min(aws.1 + azure.1);
+        let gone = Api::<ModelDeployment>::namespaced(run.aws.clone(), &ns)
+            .get_opt(MD)
+            .await
+            .ok()
+            .flatten()
+            .is_none();
+        if gone && aws == (0, 0) && azure == (REPLICAS, REPLICAS) {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the aws copy did not hand over: aws {aws:?} azure {azure:?}, gone {gone}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "aws copy deleted: azure serves all {REPLICAS} after {:.1} s; fewest Ready sampled {fewest}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        fewest >= REPLICAS,
+        "a sampled moment had only {fewest} Ready"
+    );
+    Api::<ModelDeployment>::namespaced(run.azure.clone(), &ns)
+        .delete(MD, &DeleteParams::default())
+        .await
+        .expect("delete the azure copy");
+    eventually("nothing left in either cluster", DEADLINE, || async {
+        for kube in [&run.aws, &run.azure] {
+            if share(kube, &ns).await? != (0, 0) {
+                return None;
+            }
+            let children = Api::<Deployment>::namespaced(kube.clone(), &ns)
+                .list(&ListParams::default().labels(&format!("outrigger.dev/deployment={MD}")))
+                .await
+                .ok()?;
+            let copy = Api::<ModelDeployment>::namespaced(kube.clone(), &ns)
+                .get_opt(MD)
+                .await
+                .ok()?;
+            if !children.items.is_empty() || copy.is_some() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+/// The audit logs of both clusters show no write by the peer reader.
+fn no_peer_identity_writes(run: &Run) {
+    let reader = format!("system:serviceaccount:{NAMESPACE}:outrigger-peer-reader");
+    let mut reads = 0;
+    for cluster in ["aws", "azure"] {
+        let log = peers_dir().join(cluster).join("logs/audit.log");
+        let text =
+            std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        for line in text.lines() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if entry["user"]["username"] != reader.as_str() {
+                continue;
+            }
+            let verb = entry["verb"].as_str().unwrap_or_default();
+            assert!(
+                matches!(verb, "get" | "list" | "watch"),
+                "the peer reader wrote in {cluster}: {line}"
+            );
+            reads += 1;
+        }
+    }
+    assert!(reads > 0, "the audit logs show the peer reader's reads");
+    println!(
+        "read-only: {reads} requests by {reader} in the audit logs, none a write ({})",
+        run.suffix
+    );
+}
+
+async fn clean_up(run: &Run, operators: BTreeMap<&'static str, Operator>) {
+    peers(&["fault", "heal"]);
+    let _ = std::process::Command::new(repo_root().join("hack/peers"))
+        .args(["fault", "recover", "aws"])
+        .output();
+    if std::process::Command::new(repo_root().join("hack/peers"))
+        .args(["fault", "up", "aws"])
+        .output()
+        .is_err()
+    {
+        eprintln!("could not bring aws up again");
+    }
+    let azure_kubeconfig = kubeconfig("azure");
+    let _ = outrigger(
+        "aws",
+        &[
+            "peer",
+            "remove",
+            "azure",
+            "--kubeconfig",
+            azure_kubeconfig.to_str().unwrap(),
+            "--cluster-name",
+            "aws",
+            "--namespace",
+            NAMESPACE,
+        ],
+    );
+    for cluster in ["aws", "azure"] {
+        let kube = run.kube(cluster);
+        let _ = Api::<ModelDeployment>::namespaced(kube.clone(), &run.namespace())
+            .delete(MD, &DeleteParams::default())
+            .await;
+    }
+    // The pools go through their finalizers, which the operators release.
+    for cluster in ["aws", "azure"] {
+        let kube = run.kube(cluster);
+        let pools: Api<GpuNodePool> = Api::all(kube.clone());
+        let _ = pools
+            .delete(&run.pool(cluster), &DeleteParams::default())
+            .await;
+        let _ = tokio::time::timeout(DEADLINE, async {
+            while pools
+                .get_opt(&run.pool(cluster))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+        .await;
+        let _ = Api::<Namespace>::all(kube.clone())
+            .delete(&run.namespace(), &DeleteParams::default())
+            .await;
+    }
+    for (_, operator) in operators {
+        operator.stop().await;
+    }
+}
