@@ -72,12 +72,12 @@ pub struct WriteLabels {
     pub verb: String,
 }
 
-/// Every metric Outrigger exports, prefixed `outrigger_`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
 
+/// Every metric Outrigger exports, prefixed `outrigger_`.
 pub struct Metrics {
     pub registry: Registry,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
@@ -209,7 +209,6 @@ impl Metrics {
         }
     }
 
-    /// Removes every series of a ModelDeployment that is gone (`namespace/name`).
     /// Drops a removed peer's series.
     pub fn forget_peer(&self, peer: &str) {
         let labels = PeerLabels {
@@ -219,6 +218,7 @@ impl Metrics {
         self.peer_last_seen_seconds.remove(&labels);
     }
 
+    /// Removes every series of a ModelDeployment that is gone (`namespace/name`).
     pub fn forget_deployment(&self, deployment: &str) {
         for labels in self.replica_series().remove(deployment).unwrap_or_default() {
             self.replicas.remove(&labels);

@@ -48,10 +48,16 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
                 .peers
                 .ensure(&peer, client, server, fingerprint, carried(&peer)))
         }
-        Err(problem) => {
-            ctx.peers.drop_link(&name);
-            Err(problem)
-        }
+        // A link that works stays through a failed read of its Secret (only a
+        // deleted PeerCluster drops it): planning without a peer would launch its
+        // share here.
+        Err(problem) => match ctx.peers.link(&name) {
+            Some(link) => {
+                tracing::warn!(peer = %name, reason = problem.reason, message = %problem.message, "keeping the link to a peer whose kubeconfig cannot be read now");
+                Ok(link)
+            }
+            None => Err(problem),
+        },
     };
     ctx.peers.settled(&name);
     let now = ctx.shared.now();

@@ -1,6 +1,6 @@
 //! Peers: for each PeerCluster, a read-only link to the peer's API server. The link
 //! mirrors what the peer publishes (its GpuNodePools, its ModelDeployment copies,
-//! their child Deployments and its PeerClusters) and probes, once a second, that
+//! their child Deployments and its PeerClusters) and probes, every 500 ms, that
 //! its API answers and that its operator holds its leader Lease. A peer silent for
 //! `unreachableAfterSeconds` is lost; its next answer makes it back. Nothing here
 //! writes to a peer: every call is a get, a list or a watch.
@@ -49,8 +49,9 @@ pub struct Remote {
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
-    /// A configuration mistake (the kubeconfig reaches the wrong cluster): the
-    /// peer takes no part in planning, and nothing is taken over from it either.
+    /// A configuration mistake (the kubeconfig reaches the wrong cluster, or its
+    /// token is refused): the peer takes no part in planning, so this cluster plans
+    /// as if it did not exist (capacity errs high), and no loss is recorded.
     pub misconfigured: bool,
 }
 
@@ -465,9 +466,21 @@ async fn probe(client: &Client, me: &Me, peer: &str, namespace: &str) -> Probe {
             misconfigured: false,
         })
     };
+    // Refused credentials are a configuration mistake, not a silent peer: it is
+    // left out of planning rather than counted as lost.
+    let refused = |e: &kube::Error| match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => Some(Probe::Failed(Problem {
+            reason: "Forbidden",
+            message: format!(
+                "cluster {peer}'s API server refused the token in the kubeconfig ({e}): bind its ServiceAccount to the ClusterRole and Role outrigger-peer-reader there, or run `outrigger peer add {peer} --kubeconfig FILE` again"
+            ),
+            misconfigured: true,
+        })),
+        _ => None,
+    };
     let version = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
         Ok(Ok(info)) => info.git_version,
-        Ok(Err(e)) => return unreachable(e.to_string()),
+        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
         Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
     };
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -483,13 +496,13 @@ async fn probe(client: &Client, me: &Me, peer: &str, namespace: &str) -> Probe {
             });
         }
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => return unreachable(e.to_string()),
+        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
         Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let lease = match tokio::time::timeout(PROBE_TIMEOUT, leases.get_opt(&me.lease_name)).await {
         Ok(Ok(lease)) => lease,
-        Ok(Err(e)) => return unreachable(e.to_string()),
+        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
         Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
     };
     let Some(lease) = lease else {

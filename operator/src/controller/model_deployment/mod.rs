@@ -332,10 +332,14 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
 async fn hand_over(md: &ModelDeployment, key: &Key, shared: &Context) -> Result<Action, Error> {
     let now = shared.now();
     let since = md.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
-    let handed = shared
-        .peers
-        .as_ref()
-        .map_or(peers::Handover::Nobody, |p| peers::handover(key, p));
+    let handed = match shared.peers.as_ref() {
+        // Not knowing the peers yet is not having none: wait.
+        Some(p) if p.pending().is_some() || peers::waiting(p) => {
+            return Ok(Action::requeue(PEER_WAIT));
+        }
+        Some(p) => peers::handover(key, p),
+        None => peers::Handover::Nobody,
+    };
     let waited = now.duration_since(since).as_secs_f64();
     let (done, note) = match handed {
         peers::Handover::Nobody => (true, None),

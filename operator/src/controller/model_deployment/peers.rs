@@ -24,6 +24,14 @@ pub enum Handover {
     Ready { ready: u32, clusters: Vec<String> },
 }
 
+/// Some peer's standing is not known yet.
+pub fn waiting(peers: &Peers) -> bool {
+    peers
+        .links()
+        .iter()
+        .any(|l| l.standing() == Standing::Waiting)
+}
+
 pub fn handover(key: &Key, peers: &Peers) -> Handover {
     let mut ready = 0;
     let mut clusters = Vec::new();
