@@ -21,6 +21,7 @@ pub mod ec2;
 pub mod faults;
 pub mod harness;
 pub mod links;
+pub mod peers;
 pub mod registrar;
 pub mod service_account;
 pub mod sim_fleet;

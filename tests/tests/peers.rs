@@ -10,7 +10,6 @@
 //! and is removed at the end, also when it fails.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,7 +19,6 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::{GpuNodePool, ModelDeployment, PeerCluster};
 use outrigger_tests::e2e::Operator;
@@ -39,49 +37,24 @@ const REPLICAS: u32 = 5;
 const NAMESPACE: &str = "default";
 
 fn requested() -> bool {
-    let on = std::env::var("OUTRIGGER_PEERS_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipping peers: it needs the clusters of hack/peers. Run `hack/e2e-peers` (or `make test`)."
-        );
-    }
-    on
+    outrigger_tests::peers::requested("peers")
 }
 
 fn peers_dir() -> PathBuf {
-    std::env::var_os("OUTRIGGER_PEERS_DIR")
-        .map(PathBuf::from)
-        .expect("OUTRIGGER_PEERS_DIR (hack/e2e-peers sets it)")
+    outrigger_tests::peers::dir()
 }
 
 fn kubeconfig(name: &str) -> PathBuf {
-    peers_dir().join(name).join("kubeconfig")
+    outrigger_tests::peers::kubeconfig(name)
 }
 
 async fn client(name: &str) -> Client {
-    let path = kubeconfig(name);
-    let file = Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-        .await
-        .expect("a client config");
-    config.connect_timeout = Some(Duration::from_secs(2));
-    config.read_timeout = Some(Duration::from_secs(5));
-    Client::try_from(config).expect("a client")
+    outrigger_tests::peers::client(name, None, Duration::from_secs(5)).await
 }
 
 /// `hack/peers ARGS...`; panics with its stderr when it fails.
 fn peers(args: &[&str]) -> String {
-    let output = std::process::Command::new(repo_root().join("hack/peers"))
-        .args(args)
-        .output()
-        .expect("run hack/peers");
-    assert!(
-        output.status.success(),
-        "hack/peers {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    outrigger_tests::peers::hack(args)
 }
 
 fn outrigger_bin() -> PathBuf {

@@ -11,7 +11,6 @@
 //! otherwise it says why and passes. Everything it creates has a name of its own
 //! and is removed at the end, also when it fails.
 
-use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,11 +20,12 @@ use futures::FutureExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::Kubeconfig;
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::{CLUSTER_TAG, POOL_LABEL};
 use outrigger_tests::e2e::{Operator, SimClouds};
 use outrigger_tests::harness::{eventually, repo_root};
+use outrigger_tests::peers;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,55 +39,21 @@ const AWS_ZONE: &str = "us-east-1a";
 const SUBSCRIPTION: &str = "00000000-0000-0000-0000-0000000peer5";
 
 fn requested() -> bool {
-    let on = std::env::var("OUTRIGGER_PEERS_E2E").is_ok_and(|v| v == "1");
-    if !on {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipping peers_smoke: it needs the clusters of hack/peers. Run `hack/e2e-peers` (or `make test`)."
-        );
-    }
-    on
+    peers::requested("peers_smoke")
 }
 
 fn peers_dir() -> PathBuf {
-    std::env::var_os("OUTRIGGER_PEERS_DIR")
-        .map(PathBuf::from)
-        .expect("OUTRIGGER_PEERS_DIR (hack/e2e-peers sets it)")
+    peers::dir()
 }
 
 /// A client of cluster `name`, at its own API server or at `server`.
 async fn client(name: &str, server: Option<&str>) -> Client {
-    let path = peers_dir().join(name).join("kubeconfig");
-    let mut file =
-        Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    if let Some(url) = server {
-        for cluster in &mut file.clusters {
-            if let Some(c) = cluster.cluster.as_mut() {
-                c.server = Some(url.to_string());
-            }
-        }
-    }
-    let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
-        .await
-        .expect("a client config");
-    config.connect_timeout = Some(CLIENT_TIMEOUT);
-    config.read_timeout = Some(CLIENT_TIMEOUT);
-    Client::try_from(config).expect("a client")
+    peers::client(name, server, CLIENT_TIMEOUT).await
 }
 
 /// `hack/peers ARGS...`; its stdout, panicking with its stderr when it fails.
 fn peers(args: &[&str]) -> String {
-    let output = std::process::Command::new(repo_root().join("hack/peers"))
-        .args(args)
-        .output()
-        .expect("run hack/peers");
-    assert!(
-        output.status.success(),
-        "hack/peers {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+    peers::hack(args)
 }
 
 struct Run {
