@@ -35,23 +35,6 @@ pub fn pool(
     }
 }
 
-/// Nodes as a pool's status counts them: `readyNodes` Ready ones, the rest not, with
-/// `gpus.requested` taken from the Ready ones in turn.
-pub fn nodes_from_status(
-    gpus_per_node: u32,
-    status: Option<&GpuNodePoolStatus>,
-) -> Vec<placement::Node> {
-    let Some(status) = status else {
-        return Vec::new();
-    };
-    nodes_from_counts(
-        gpus_per_node,
-        status.nodes.unwrap_or(0),
-        status.ready_nodes.unwrap_or(0),
-        status.gpus.as_ref().map_or(0, |g| g.requested),
-    )
-}
-
 /// `total` nodes, `ready` of them Ready, with `requested` GPUs taken from the
 /// Ready ones in turn.
 pub fn nodes_from_counts(

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod children;
 mod cloud;
@@ -42,7 +42,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Plan(args), Some(("plan", plan))) = (&mut cli.command, matches.subcommand())
+        && let Err(e) = args.place_clusters(plan)
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match &cli.command {
         Command::Crd(args) => match crdgen::run(args) {
             Ok(()) => ExitCode::SUCCESS,

@@ -124,17 +124,8 @@ fn check_names(target: &Target) -> Result<(), PeerError> {
         ("NAME", &target.name),
         ("--cluster-name", &target.cluster_name),
     ] {
-        let label = name.len() <= 63
-            && !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-');
-        if !label {
-            return Err(PeerError::Config(format!(
-                "{flag} {name:?} is not a cluster name: use lower-case letters, digits and '-' (a DNS label), as in clusterName"
-            )));
+        if let Err(why) = crate::validate::dns_label(name) {
+            return Err(PeerError::Config(format!("{flag} {name:?} {why}")));
         }
     }
     if target.name == target.cluster_name {

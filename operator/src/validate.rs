@@ -18,6 +18,24 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// A cluster name is a DNS label: `Err` says why `name` is not one.
+pub fn dns_label(name: &str) -> Result<(), &'static str> {
+    let label = name.len() <= 63
+        && !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if label {
+        Ok(())
+    } else {
+        Err(
+            "is not a cluster name: use lower-case letters, digits and '-' (a DNS label, at most 63 characters), as in clusterName",
+        )
+    }
+}
+
 fn error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),

@@ -260,3 +260,221 @@ fn a_kubectl_list_plans_its_items() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json["plans"][0]["deployment"], "ml/bad");
 }
+
+/// A pool of one cluster for the several-clusters tests.
+fn cluster_pool(provider: &str) -> String {
+    let (region, zone, instance, scaling) = if provider == "aws" {
+        (
+            "us-east-1",
+            "us-east-1a",
+            "p5.48xlarge",
+            "{aws: {launchTemplate: {name: gpu}}}",
+        )
+    } else {
+        (
+            "eastus",
+            "\"1\"",
+            "Standard_ND96isr_H100_v5",
+            "{azure: {subscriptionId: 00000000-0000-0000-0000-000000000000, resourceGroup: rg, scaleSetName: gpu}}",
+        )
+    };
+    format!(
+        "apiVersion: outrigger.dev/v1alpha1\nkind: GpuNodePool\nmetadata: {{name: h100}}\nspec:\n  provider: {provider}\n  region: {region}\n  zone: {zone}\n  instanceType: {instance}\n  gpu: {{type: H100, count: 8}}\n  pricePerNodeHour: 100\n  nodes: {{min: 0, max: 4}}\n  scaling: {scaling}\n"
+    )
+}
+
+/// The same deployment as both clusters hold it: 5 replicas, at most 60% per provider.
+const COPY: &str = r#"apiVersion: outrigger.dev/v1alpha1
+kind: ModelDeployment
+metadata: {name: llm, namespace: ml}
+spec:
+  replicas: 5
+  gpu: {count: 1, types: [H100]}
+  template: {spec: {containers: [{name: server, image: server:1}]}}
+  placement: {spread: [{by: provider, minGroups: 2, maxShare: 60}]}
+"#;
+
+fn success(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+#[test]
+fn several_clusters_plan_once_over_every_copy_pools() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let aws = fixture(
+        &dir,
+        "aws.yaml",
+        &format!("{}---\n{COPY}", cluster_pool("aws")),
+    );
+    let azure = fixture(
+        &dir,
+        "azure.yaml",
+        &format!("{}---\n{COPY}", cluster_pool("azure")),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrigger"));
+    cmd.args(["plan", "-o", "json", "--cluster", "aws", "-f"])
+        .arg(&aws)
+        .args(["--cluster", "azure", "-f"])
+        .arg(&azure);
+    let json = success(&cmd.output().expect("outrigger runs"));
+    let plans = json["plans"].as_array().expect("plans");
+    assert_eq!(plans.len(), 1, "one plan for the two copies: {json}");
+    assert_eq!(plans[0]["clusters"], serde_json::json!(["aws", "azure"]));
+    assert_eq!(plans[0]["satisfied"], true);
+    let mut rows: Vec<(String, String, u64)> = plans[0]["placements"]
+        .as_array()
+        .expect("placements")
+        .iter()
+        .map(|p| {
+            (
+                p["cluster"].as_str().expect("cluster").to_string(),
+                p["pool"].as_str().expect("pool").to_string(),
+                p["replicas"].as_u64().expect("replicas"),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            ("aws".to_string(), "h100".to_string(), 3),
+            ("azure".to_string(), "h100".to_string(), 2)
+        ]
+    );
+
+    // The same objects with a top-level `cluster` field give the same plan.
+    let tagged = |name: &str, text: &str| {
+        let text = text.replace(
+            "kind: GpuNodePool\n",
+            &format!("kind: GpuNodePool\ncluster: {name}\n"),
+        );
+        text.replace(
+            "kind: ModelDeployment\n",
+            &format!("kind: ModelDeployment\ncluster: {name}\n"),
+        )
+    };
+    let both = fixture(
+        &dir,
+        "both.yaml",
+        &format!(
+            "{}---\n{}",
+            tagged("aws", &format!("{}---\n{COPY}", cluster_pool("aws"))),
+            tagged("azure", &format!("{}---\n{COPY}", cluster_pool("azure")))
+        ),
+    );
+    assert_eq!(success(&plan(&[both], &["-o", "json"])), json);
+}
+
+#[test]
+fn copies_that_disagree_are_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let aws = fixture(
+        &dir,
+        "aws.yaml",
+        &format!("{}---\n{COPY}", cluster_pool("aws")),
+    );
+    let azure = fixture(
+        &dir,
+        "azure.yaml",
+        &format!(
+            "{}---\n{}",
+            cluster_pool("azure"),
+            COPY.replace("replicas: 5", "replicas: 4")
+        ),
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outrigger"));
+    cmd.args(["plan", "--cluster", "aws", "-f"])
+        .arg(&aws)
+        .args(["--cluster", "azure", "-f"])
+        .arg(&azure);
+    let out = cmd.output().expect("outrigger runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("CLUSTER"), "{text}");
+    assert!(
+        text.contains("the copies in azure have another spec than the one in aws")
+            && text.contains("InSync=False"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_cluster_flags_exit_2_saying_how() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let aws = fixture(
+        &dir,
+        "aws.yaml",
+        &format!("{}---\n{COPY}", cluster_pool("aws")),
+    );
+    let azure = fixture(
+        &dir,
+        "azure.yaml",
+        &format!("{}---\n{COPY}", cluster_pool("azure")),
+    );
+    let run = |args: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_outrigger"))
+            .arg("plan")
+            .args(args)
+            .output()
+            .expect("outrigger runs")
+    };
+    let (a, z) = (aws.as_os_str(), azure.as_os_str());
+    let os = |s: &'static str| std::ffi::OsStr::new(s);
+    assert_bad_input(
+        &run(&[os("-f"), a, os("--cluster"), os("azure")]),
+        &["--cluster azure has no -f file after it"],
+    );
+    assert_bad_input(
+        &run(&[os("-f"), a, os("--cluster"), os("azure"), os("-f"), z]),
+        &["belong to a cluster", "aws.yaml do not", "--cluster NAME"],
+    );
+    assert_bad_input(
+        &run(&[os("--cluster"), os("Azure_1"), os("-f"), z]),
+        &["--cluster \"Azure_1\"", "DNS label"],
+    );
+    assert_bad_input(
+        &run(&[os("-f"), a, os("-f"), z]),
+        &["a second GpuNodePool named \"h100\"", "--cluster NAME"],
+    );
+}
+
+#[test]
+fn a_current_placement_of_just_pool_and_replicas_takes_the_rest_from_the_pool() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // One node, full with this deployment's own 8 replicas: it keeps them there.
+    let pool = cluster_pool("aws").replace("max: 4", "max: 1")
+        + "status: {nodes: 1, readyNodes: 1, gpus: {capacity: 8, allocatable: 8, requested: 8}}\n";
+    let md = COPY
+        .replace("replicas: 5", "replicas: 8")
+        .replace("minGroups: 2", "minGroups: 1")
+        .replace("maxShare: 60", "maxShare: 100")
+        + "status:\n  placements:\n  - {pool: h100, replicas: 8}\n";
+    let file = fixture(&dir, "one.yaml", &format!("{pool}---\n{md}"));
+    let json = success(&plan(&[file], &["-o", "json"]));
+    assert_eq!(json["plans"][0]["placed"], 8, "{json}");
+    assert_eq!(json["plans"][0]["placements"][0]["provider"], "aws");
+    assert!(
+        json["plans"][0]["explanation"]
+            .to_string()
+            .contains("keeps 8 of its current replicas"),
+        "{json}"
+    );
+    let unknown = fixture(
+        &dir,
+        "unknown.yaml",
+        &format!("{pool}---\n{}", md.replace("{pool: h100,", "{pool: a100,")),
+    );
+    assert_bad_input(
+        &plan(&[unknown], &[]),
+        &["status.placements[0].pool", "\"a100\"", "no file defines"],
+    );
+}
