@@ -60,10 +60,12 @@ pub struct RunArgs {
 /// How Outrigger reaches the clouds and paces scaling (docs/cloud.md).
 #[derive(clap::Args, Debug)]
 pub struct CloudArgs {
-    /// The `outrigger.dev/cluster` tag on the EC2 instances this cluster launches;
-    /// only instances with it are listed, scaled and released.
-    #[arg(long, env = "OUTRIGGER_CLUSTER_NAME", default_value = "outrigger")]
-    cluster_name: String,
+    /// This cluster's name (a DNS label): the name its peers' PeerCluster for it
+    /// has, required once it has peers, and the `outrigger.dev/cluster` tag on the
+    /// EC2 instances it launches (only instances with it are listed, scaled and
+    /// released; without a name the tag is `outrigger`).
+    #[arg(long, env = "OUTRIGGER_CLUSTER_NAME", value_parser = cluster_name)]
+    cluster_name: Option<String>,
     /// Another EC2 endpoint (the simulator); credentials still come from the
     /// standard AWS chain.
     #[arg(long)]
@@ -94,6 +96,14 @@ pub struct CloudArgs {
     capacity_backoff_seconds: u64,
 }
 
+/// The instance tag of a cluster without `--cluster-name`.
+const UNNAMED_TAG: &str = "outrigger";
+
+fn cluster_name(name: &str) -> Result<String, String> {
+    crate::validate::dns_label(name).map_err(String::from)?;
+    Ok(name.to_string())
+}
+
 impl CloudArgs {
     async fn clouds(&self, metrics: &Arc<Metrics>) -> Clouds {
         let operation_timeout = Duration::from_secs(self.azure_operation_timeout_seconds);
@@ -104,7 +114,10 @@ impl CloudArgs {
         let aws = aws::Aws::new(aws::AwsSettings {
             endpoint_url: self.aws_endpoint_url.clone(),
             region: self.aws_region.clone(),
-            cluster: self.cluster_name.clone(),
+            cluster: self
+                .cluster_name
+                .clone()
+                .unwrap_or_else(|| UNNAMED_TAG.to_string()),
         })
         .await;
         let azure = match azure::Azure::new(&azure::AzureSettings {
@@ -181,7 +194,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         &args.lease_namespace,
         &args.lease_name,
         &identity,
-        &args.cloud.cluster_name,
+        args.cloud.cluster_name.as_deref().unwrap_or_default(),
     );
     if args.leader_elect {
         // A standby is ready: it serves, it just does not act.
@@ -197,7 +210,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
     let clouds = args.cloud.clouds(&metrics).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let me = Me {
-        name: args.cloud.cluster_name.clone(),
+        name: args.cloud.cluster_name.clone().unwrap_or_default(),
         uid: None,
         lease_name: args.lease_name.clone(),
     };

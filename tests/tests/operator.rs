@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use outrigger_crds::ModelDeployment;
+use outrigger_crds::{ModelDeployment, PeerCluster};
 use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace, wait_for};
 use outrigger_tests::sim_fleet::{FAILOVER_AWS_REGION, FAILOVER_AZURE_REGION, SimFleet};
 use serde_json::json;
@@ -338,6 +338,40 @@ async fn refuses_bad_specs_and_explains_unmet_rules() {
             .then_some(())
     })
     .await;
+
+    // This operator runs without --cluster-name: a PeerCluster says the name is
+    // required, and no link is made.
+    let peers: Api<PeerCluster> = Api::all(client.clone());
+    let peer = format!("unnamed-{tag}");
+    peers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "PeerCluster",
+                "metadata": {"name": peer},
+                "spec": {"kubeconfigSecretRef": {"namespace": ns.name, "name": "nowhere"}},
+            }))
+            .expect("a PeerCluster"),
+        )
+        .await
+        .expect("created");
+    let message = wait_for("Mutual=False ClusterNameMissing", CONVERGE, || async {
+        peers
+            .get(&peer)
+            .await
+            .ok()?
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Mutual" && c.reason == "ClusterNameMissing")
+            .map(|c| c.message)
+    })
+    .await;
+    assert!(message.contains("clusterName"), "{message}");
+    peers
+        .delete(&peer, &DeleteParams::default())
+        .await
+        .expect("deleted");
 
     operator.stop().await;
     ns.delete().await;

@@ -196,6 +196,7 @@ async fn start_operator(cluster: &str) -> Operator {
 async fn steps(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {
     set_up(run, operators).await;
     placed_across_clusters_within_the_rules(run).await;
+    bad_peers_are_named_and_nothing_else_stops(run).await;
     a_whole_cluster_lost_moves_its_share(run, operators).await;
     for mode in ["refuse", "blackhole"] {
         a_partition_makes_both_serve_and_healing_converges(run, mode).await;
@@ -220,6 +221,26 @@ async fn apply_json(kube: &Client, value: &serde_json::Value) {
                 .patch(&name, &params, &Patch::Apply(value))
                 .await
                 .expect("apply the ModelDeployment");
+        }
+        "PeerCluster" => {
+            Api::<PeerCluster>::all(kube.clone())
+                .patch(&name, &params, &Patch::Apply(value))
+                .await
+                .expect("apply the PeerCluster");
+        }
+        "Secret" => {
+            let ns = value["metadata"]["namespace"].as_str().unwrap();
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(kube.clone(), ns)
+                .patch(&name, &params, &Patch::Apply(value))
+                .await
+                .expect("apply the Secret");
+        }
+        "Lease" => {
+            let ns = value["metadata"]["namespace"].as_str().unwrap();
+            Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(kube.clone(), ns)
+                .patch(&name, &params, &Patch::Apply(value))
+                .await
+                .expect("apply the Lease");
         }
         other => panic!("no apply for {other}"),
     }
@@ -404,6 +425,183 @@ async fn placed_across_clusters_within_the_rules(run: &Run) {
         Some("aws=3 azure=2"),
         "the Providers column sums over clusters"
     );
+}
+
+/// Waits until PeerCluster `name` in `kube` has condition `type_` False with
+/// `reason`, and returns its message.
+async fn peer_condition(kube: &Client, name: &str, type_: &str, reason: &str) -> String {
+    eventually(
+        &format!("PeerCluster {name}: {type_}=False {reason}"),
+        DEADLINE,
+        || async {
+            let peer = Api::<PeerCluster>::all(kube.clone()).get(name).await.ok()?;
+            peer.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == type_ && c.status == "False" && c.reason == reason)
+                .map(|c| c.message)
+        },
+    )
+    .await
+}
+
+/// Every kind of bad PeerCluster on aws gets a condition that names the field and
+/// the fix, and the deployment served by aws and azure carries on untouched.
+async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
+    let suffix = &run.suffix;
+    let read = |cluster: &str| {
+        let path = kubeconfig(cluster);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    // In azure, a live Lease that says its cluster is named aws, as a second
+    // cluster with this one's name would have.
+    let twin = format!("peers-twin-{suffix}");
+    let namespaces: Api<Namespace> = Api::all(run.azure.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": twin}})).unwrap(),
+        )
+        .await
+        .expect("create the twin's namespace");
+    let renew = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    apply_json(
+        &run.azure,
+        &json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "outrigger-leader", "namespace": twin,
+                "annotations": {"outrigger.dev/cluster-name": "aws"}},
+            "spec": {"holderIdentity": "twin", "leaseDurationSeconds": 3600,
+                "renewTime": renew},
+        }),
+    )
+    .await;
+    // (PeerCluster name, Secret data or none, operatorNamespace, condition, reason,
+    // what the message must say).
+    let cases: Vec<(String, Option<(&str, String)>, &str, &str, &str, &str)> = vec![
+        (
+            format!("bad-nosecret-{suffix}"),
+            None,
+            NAMESPACE,
+            "Reachable",
+            "SecretMissing",
+            "spec.kubeconfigSecretRef",
+        ),
+        (
+            format!("bad-nokey-{suffix}"),
+            Some(("config", read("azure"))),
+            NAMESPACE,
+            "Reachable",
+            "KeyMissing",
+            "spec.kubeconfigSecretRef.key",
+        ),
+        (
+            format!("bad-garbled-{suffix}"),
+            Some(("kubeconfig", "clusters: [this is not".to_string())),
+            NAMESPACE,
+            "Reachable",
+            "KubeconfigInvalid",
+            "outrigger peer add",
+        ),
+        (
+            format!("bad-self-{suffix}"),
+            Some(("kubeconfig", read("aws"))),
+            NAMESPACE,
+            "Reachable",
+            "SameCluster",
+            "points back at this cluster",
+        ),
+        (
+            format!("gcp-{suffix}"),
+            Some(("kubeconfig", read("azure"))),
+            NAMESPACE,
+            "Reachable",
+            "NameMismatch",
+            "--cluster-name azure",
+        ),
+        (
+            format!("bad-twin-{suffix}"),
+            Some(("kubeconfig", read("azure"))),
+            &twin,
+            "Reachable",
+            "DuplicateName",
+            "give each cluster its own clusterName",
+        ),
+    ];
+    for (name, data, namespace, ..) in &cases {
+        if let Some((key, text)) = data {
+            apply_json(
+                &run.aws,
+                &json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": NAMESPACE},
+                    "stringData": {*key: text},
+                }),
+            )
+            .await;
+        }
+        apply_json(
+            &run.aws,
+            &json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "PeerCluster",
+                "metadata": {"name": name},
+                "spec": {
+                    "kubeconfigSecretRef": {"namespace": NAMESPACE, "name": name},
+                    "operatorNamespace": namespace,
+                },
+            }),
+        )
+        .await;
+    }
+    for (name, _, _, type_, reason, needle) in &cases {
+        let message = peer_condition(&run.aws, name, type_, reason).await;
+        assert!(
+            message.contains(needle),
+            "{name}: {type_}=False {reason}: the message names {needle:?}: {message}"
+        );
+        println!("bad peer {name}: {type_}=False {reason}: {message}");
+    }
+    // The real peers and the deployment carry on.
+    for (cluster, peer) in [("aws", "azure"), ("azure", "aws")] {
+        let p = Api::<PeerCluster>::all(run.kube(cluster).clone())
+            .get(peer)
+            .await
+            .expect("the real PeerCluster");
+        let conditions = p.status.expect("a status").conditions;
+        for t in ["Reachable", "Mutual"] {
+            assert!(
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == t && c.status == "True"),
+                "{cluster}'s PeerCluster {peer} stays {t}: {conditions:?}"
+            );
+        }
+    }
+    let ns = run.namespace();
+    for cluster in ["aws", "azure"] {
+        let want = if cluster == "aws" { (3, 3) } else { (2, 2) };
+        assert_eq!(
+            share(run.kube(cluster), &ns).await,
+            Some(want),
+            "{cluster} keeps its share beside the bad peers"
+        );
+    }
+    let peers_api: Api<PeerCluster> = Api::all(run.aws.clone());
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(run.aws.clone(), NAMESPACE);
+    for (name, ..) in &cases {
+        peers_api
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("delete a bad PeerCluster");
+        let _ = secrets.delete(name, &DeleteParams::default()).await;
+    }
+    namespaces
+        .delete(&twin, &DeleteParams::default())
+        .await
+        .expect("delete the twin's namespace");
 }
 
 /// The aws cluster goes at once: its control plane is killed (its nodes, and the

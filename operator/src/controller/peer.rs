@@ -29,6 +29,8 @@ pub const CONTROLLER: &str = "peercluster";
 const RECHECK: Duration = Duration::from_secs(15);
 /// `lastSeenTime` moves in steps of this, not with every probe.
 const LAST_SEEN_STEP: SignedDuration = SignedDuration::from_secs(15);
+/// The reason when this cluster has no `--cluster-name`.
+const CLUSTER_NAME_MISSING: &str = "ClusterNameMissing";
 /// How long a connection to a peer's API may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -42,22 +44,31 @@ pub struct Ctx {
 pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let _timer = ctx.shared.metrics.reconcile_timer(CONTROLLER);
     let name = peer.name_any();
-    let link = match connect(&peer, &ctx).await {
-        Ok((client, server, fingerprint)) => {
-            Ok(ctx
-                .peers
-                .ensure(&peer, client, server, fingerprint, carried(&peer)))
-        }
-        // A link that works stays through a failed read of its Secret (only a
-        // deleted PeerCluster drops it): planning without a peer would launch its
-        // share here.
-        Err(problem) => match ctx.peers.link(&name) {
-            Some(link) => {
-                tracing::warn!(peer = %name, reason = problem.reason, message = %problem.message, "keeping the link to a peer whose kubeconfig cannot be read now");
-                Ok(link)
+    let link = if ctx.peers.me.name.is_empty() {
+        Err(problem(
+            CLUSTER_NAME_MISSING,
+            format!(
+                "this cluster has no name, so cluster {name} cannot tell it from others: set the chart value clusterName (--cluster-name, OUTRIGGER_CLUSTER_NAME) to the name of cluster {name}'s PeerCluster for this one"
+            ),
+        ))
+    } else {
+        match connect(&peer, &ctx).await {
+            Ok((client, server, fingerprint)) => {
+                Ok(ctx
+                    .peers
+                    .ensure(&peer, client, server, fingerprint, carried(&peer)))
             }
-            None => Err(problem),
-        },
+            // A link that works stays through a failed read of its Secret (only a
+            // deleted PeerCluster drops it): planning without a peer would launch its
+            // share here.
+            Err(problem) => match ctx.peers.link(&name) {
+                Some(link) => {
+                    tracing::warn!(peer = %name, reason = problem.reason, message = %problem.message, "keeping the link to a peer whose kubeconfig cannot be read now");
+                    Ok(link)
+                }
+                None => Err(problem),
+            },
+        }
     };
     ctx.peers.settled(&name);
     let now = ctx.shared.now();
@@ -204,6 +215,20 @@ fn desired(
     };
     let link = match link {
         Ok(link) => link,
+        Err(p) if p.reason == CLUSTER_NAME_MISSING => {
+            return PeerClusterStatus {
+                conditions: vec![
+                    cond(
+                        condition::REACHABLE,
+                        false,
+                        "NotLinked",
+                        "no link is made while this cluster has no name (see Mutual)".to_string(),
+                    ),
+                    cond(condition::MUTUAL, false, p.reason, p.message.clone()),
+                ],
+                ..before
+            };
+        }
         Err(p) => {
             return PeerClusterStatus {
                 conditions: vec![
