@@ -445,6 +445,16 @@ async fn peer_condition(kube: &Client, name: &str, type_: &str, reason: &str) ->
     .await
 }
 
+/// A PeerCluster that cannot work, and what its `Reachable` condition must say.
+struct BadPeer<'a> {
+    name: String,
+    /// The key and text of its Secret; no Secret without.
+    secret: Option<(&'a str, String)>,
+    operator_namespace: &'a str,
+    reason: &'a str,
+    says: &'a str,
+}
+
 /// Every kind of bad PeerCluster on aws gets a condition that names the field and
 /// the fix, and the deployment served by aws and azure carries on untouched.
 async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
@@ -478,60 +488,58 @@ async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
         }),
     )
     .await;
-    // (PeerCluster name, Secret data or none, operatorNamespace, condition, reason,
-    // what the message must say).
-    let cases: Vec<(String, Option<(&str, String)>, &str, &str, &str, &str)> = vec![
-        (
-            format!("bad-nosecret-{suffix}"),
-            None,
-            NAMESPACE,
-            "Reachable",
-            "SecretMissing",
-            "spec.kubeconfigSecretRef",
-        ),
-        (
-            format!("bad-nokey-{suffix}"),
-            Some(("config", read("azure"))),
-            NAMESPACE,
-            "Reachable",
-            "KeyMissing",
-            "spec.kubeconfigSecretRef.key",
-        ),
-        (
-            format!("bad-garbled-{suffix}"),
-            Some(("kubeconfig", "clusters: [this is not".to_string())),
-            NAMESPACE,
-            "Reachable",
-            "KubeconfigInvalid",
-            "outrigger peer add",
-        ),
-        (
-            format!("bad-self-{suffix}"),
-            Some(("kubeconfig", read("aws"))),
-            NAMESPACE,
-            "Reachable",
-            "SameCluster",
-            "points back at this cluster",
-        ),
-        (
-            format!("gcp-{suffix}"),
-            Some(("kubeconfig", read("azure"))),
-            NAMESPACE,
-            "Reachable",
-            "NameMismatch",
-            "--cluster-name azure",
-        ),
-        (
-            format!("bad-twin-{suffix}"),
-            Some(("kubeconfig", read("azure"))),
-            &twin,
-            "Reachable",
-            "DuplicateName",
-            "give each cluster its own clusterName",
-        ),
+    let cases = [
+        BadPeer {
+            name: format!("bad-nosecret-{suffix}"),
+            secret: None,
+            operator_namespace: NAMESPACE,
+            reason: "SecretMissing",
+            says: "spec.kubeconfigSecretRef",
+        },
+        BadPeer {
+            name: format!("bad-nokey-{suffix}"),
+            secret: Some(("config", read("azure"))),
+            operator_namespace: NAMESPACE,
+            reason: "KeyMissing",
+            says: "spec.kubeconfigSecretRef.key",
+        },
+        BadPeer {
+            name: format!("bad-garbled-{suffix}"),
+            secret: Some(("kubeconfig", "clusters: [this is not".to_string())),
+            operator_namespace: NAMESPACE,
+            reason: "KubeconfigInvalid",
+            says: "outrigger peer add",
+        },
+        BadPeer {
+            name: format!("bad-self-{suffix}"),
+            secret: Some(("kubeconfig", read("aws"))),
+            operator_namespace: NAMESPACE,
+            reason: "SameCluster",
+            says: "points back at this cluster",
+        },
+        BadPeer {
+            name: format!("gcp-{suffix}"),
+            secret: Some(("kubeconfig", read("azure"))),
+            operator_namespace: NAMESPACE,
+            reason: "NameMismatch",
+            says: "--cluster-name azure",
+        },
+        BadPeer {
+            name: format!("bad-twin-{suffix}"),
+            secret: Some(("kubeconfig", read("azure"))),
+            operator_namespace: &twin,
+            reason: "DuplicateName",
+            says: "give each cluster its own clusterName",
+        },
     ];
-    for (name, data, namespace, ..) in &cases {
-        if let Some((key, text)) = data {
+    for BadPeer {
+        name,
+        secret,
+        operator_namespace,
+        ..
+    } in &cases
+    {
+        if let Some((key, text)) = secret {
             apply_json(
                 &run.aws,
                 &json!({
@@ -549,19 +557,22 @@ async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
                 "metadata": {"name": name},
                 "spec": {
                     "kubeconfigSecretRef": {"namespace": NAMESPACE, "name": name},
-                    "operatorNamespace": namespace,
+                    "operatorNamespace": operator_namespace,
                 },
             }),
         )
         .await;
     }
-    for (name, _, _, type_, reason, needle) in &cases {
-        let message = peer_condition(&run.aws, name, type_, reason).await;
+    for BadPeer {
+        name, reason, says, ..
+    } in &cases
+    {
+        let message = peer_condition(&run.aws, name, "Reachable", reason).await;
         assert!(
-            message.contains(needle),
-            "{name}: {type_}=False {reason}: the message names {needle:?}: {message}"
+            message.contains(says),
+            "{name}: Reachable=False {reason}: the message says {says:?}: {message}"
         );
-        println!("bad peer {name}: {type_}=False {reason}: {message}");
+        println!("bad peer {name}: Reachable=False {reason}: {message}");
     }
     // The real peers and the deployment carry on.
     for (cluster, peer) in [("aws", "azure"), ("azure", "aws")] {
@@ -591,7 +602,7 @@ async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
     let peers_api: Api<PeerCluster> = Api::all(run.aws.clone());
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(run.aws.clone(), NAMESPACE);
-    for (name, ..) in &cases {
+    for BadPeer { name, .. } in &cases {
         peers_api
             .delete(name, &DeleteParams::default())
             .await

@@ -173,6 +173,8 @@ async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<(Client, String, u64),
         ));
     };
     let invalid = |e: String| {
+        // A parser's error may draw the spot over several lines: its first says it.
+        let e = e.lines().next().unwrap_or_default();
         problem(
             "KubeconfigInvalid",
             format!(
@@ -295,16 +297,22 @@ fn desired(
     // lastSeenTime moves in steps, so a steady peer is not written every probe.
     let last_seen = match (before.last_seen_time.as_ref(), contact.last_seen) {
         (Some(was), Some(seen)) if seen < was.0 + LAST_SEEN_STEP => Some(was.clone()),
-        (_, seen) => seen.map(Time).or(before.last_seen_time.clone()),
+        (_, seen) => seen.map(whole_seconds).or(before.last_seen_time.clone()),
     };
     PeerClusterStatus {
         last_seen_time: last_seen,
         version: contact.version.or(before.version),
         operator_version: contact.operator_version.or(before.operator_version),
-        lost_since: contact.lost_since.map(Time),
-        back_since: contact.back_since.map(Time),
+        lost_since: contact.lost_since.map(whole_seconds),
+        back_since: contact.back_since.map(whole_seconds),
         conditions: vec![reachable, mutual],
     }
+}
+
+/// A time as the API server keeps it (whole seconds), so a status written once
+/// reads back the same and is not written, or announced, again.
+fn whole_seconds(t: Timestamp) -> Time {
+    Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
 
 /// `PeerLost` and `PeerBack`, when the status records a new loss or return.

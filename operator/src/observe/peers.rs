@@ -319,6 +319,9 @@ impl Peers {
         }
         let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
         let poke = self.changed.clone();
+        // Bumped when the peer answers after a failed probe: every mirror starts a
+        // new watch then.
+        let (rewatch, rewatched) = tokio::sync::watch::channel(0u64);
         let mut tasks = Vec::new();
         let remote = Remote {
             pools: keep(
@@ -329,6 +332,7 @@ impl Peers {
                     trim::pool,
                     Notify::Fingerprint(poke.clone(), published_pool),
                     None,
+                    Some(rewatched.clone()),
                 ),
             ),
             copies: keep(
@@ -339,6 +343,7 @@ impl Peers {
                     trim::pool,
                     Notify::Fingerprint(poke.clone(), published_copy),
                     None,
+                    Some(rewatched.clone()),
                 ),
             ),
             children: keep(
@@ -349,6 +354,7 @@ impl Peers {
                     trim::deployment,
                     Notify::Fingerprint(poke.clone(), published_child),
                     None,
+                    Some(rewatched.clone()),
                 ),
             ),
             peers: keep(
@@ -359,6 +365,7 @@ impl Peers {
                     trim::pool,
                     Notify::Fingerprint(poke, published_peer),
                     None,
+                    Some(rewatched.clone()),
                 ),
             ),
         };
@@ -390,9 +397,16 @@ impl Peers {
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(PROBE_EVERY);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut failing = false;
                     loop {
                         tick.tick().await;
                         let probe = probe(&client, &peers.me, &name, &namespace).await;
+                        let answered = matches!(probe, Probe::Answered { .. });
+                        if answered && failing {
+                            tracing::info!(peer = %name, "the peer answers again; its mirrors watch anew");
+                            rewatch.send_modify(|n| *n += 1);
+                        }
+                        failing = !answered;
                         let now = (peers.clock)();
                         let changed = {
                             let mut c = contact.lock().unwrap_or_else(|e| e.into_inner());

@@ -68,7 +68,7 @@ where
         + Sync
         + 'static,
 {
-    mirror_task(api, config, keep, notify, generation).0
+    mirror_task(api, config, keep, notify, generation, None).0
 }
 
 /// [`mirror`], and the handle that stops its task (a peer's mirrors stop with
@@ -79,6 +79,7 @@ pub fn mirror_task<K>(
     keep: fn(&mut K),
     notify: Notify<K>,
     generation: Option<Arc<AtomicU64>>,
+    mut restart: Option<watch::Receiver<u64>>,
 ) -> (Store<K>, tokio::task::AbortHandle)
 where
     K: Resource<DynamicType = ()>
@@ -89,8 +90,7 @@ where
         + Sync
         + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).modify(keep)).default_backoff();
+    let (reader, mut writer) = reflector::store();
     let task = tokio::spawn(async move {
         let mut seen: HashMap<String, (u64, Vec<String>)> = HashMap::new();
         // During a (re)list: what it has shown so far. The store swaps the listed
@@ -98,8 +98,37 @@ where
         // at the end the listing replaces `seen` (objects deleted while the watch
         // was down drop out) and everyone listening is poked.
         let mut listing: Option<HashMap<String, (u64, Vec<String>)>> = None;
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
+        let new_watch = || {
+            watcher(api.clone(), config.clone())
+                .modify(keep)
+                .default_backoff()
+        };
+        let mut stream = Box::pin(new_watch());
+        loop {
+            // `Err(true)`: start a new watch, listing first, as the old one may hang
+            // on a connection that a network fault left open but dead.
+            let next = match restart.as_mut() {
+                Some(restart) => tokio::select! {
+                    event = stream.next() => Ok(event),
+                    changed = restart.changed() => Err(changed.is_ok()),
+                },
+                None => Ok(stream.next().await),
+            };
+            let event = match next {
+                Ok(event) => event,
+                Err(true) => {
+                    stream = Box::pin(new_watch());
+                    continue;
+                }
+                Err(false) => {
+                    restart = None;
+                    continue;
+                }
+            };
+            let Some(event) = event else { break };
+            if let Ok(event) = &event {
+                writer.apply_watcher_event(event);
+            }
             if event.is_ok()
                 && let Some(generation) = &generation
             {
