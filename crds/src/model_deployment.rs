@@ -30,7 +30,8 @@ use crate::provider::{CapacityType, Provider};
            loses nodes or capacity.",
     scale(
         spec_replicas_path = ".spec.replicas",
-        status_replicas_path = ".status.replicas"
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
@@ -356,6 +357,10 @@ pub struct ModelDeploymentStatus {
     /// Replicas that are Ready, over all pools.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// The label selector of the replicas' pods in this cluster, for the scale
+    /// subresource: a HorizontalPodAutoscaler or a KEDA ScaledObject reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Replicas the plan could not place on any pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unplaced_replicas: Option<i32>,

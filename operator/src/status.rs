@@ -219,6 +219,11 @@ pub fn desired(
         observed_generation: generation,
         replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
         ready_replicas: Some(ready_i),
+        selector: Some(format!(
+            "{}={}",
+            crate::labels::DEPLOYMENT,
+            md.metadata.name.as_deref().unwrap_or_default()
+        )),
         unplaced_replicas: Some(i32::try_from(plan.unplaced).unwrap_or(i32::MAX)),
         placements,
         providers: Some(providers),

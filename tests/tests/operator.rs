@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
@@ -718,6 +719,117 @@ async fn deleting_a_model_deployment_leaves_nothing_and_steady_state_writes_noth
         (left == 0).then_some(())
     })
     .await;
+
+    operator.stop().await;
+    ns.delete().await;
+    fleet.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
+async fn autoscalers_drive_it_through_the_scale_subresource() {
+    if !e2e::enabled("autoscalers_drive_it_through_the_scale_subresource") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let client = e2e::client().await;
+    let tag = format!("scale-{}", e2e::suffix());
+    let fleet = fleet(&client, &tag, 2).await;
+    let ns = TestNamespace::new(&client, "scale").await;
+    let operator = Operator::start("scale", &[]).await;
+    operator.wait_leading().await;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    api.create(
+        &PostParams::default(),
+        &model_deployment("llama", 2, &fleet.regions(), json!({})),
+    )
+    .await
+    .expect("created");
+    let ready = |n: u32| {
+        let (client, ns) = (client.clone(), ns.name.clone());
+        async move {
+            wait_for(&format!("{n} replicas Ready"), CONVERGE, || async {
+                let per_pool = ready_per_pool(&client, &ns, "llama").await;
+                (per_pool.values().sum::<u32>() == n).then_some(per_pool)
+            })
+            .await
+        }
+    };
+    ready(2).await;
+
+    // `kubectl scale` goes through the scale subresource; the plan follows within
+    // the rules (60% of 5 is at most 3 per provider).
+    e2e::kubectl(&["scale", "md/llama", "--replicas=5", "-n", &ns.name]);
+    let per_pool = ready(5).await;
+    assert_eq!(per_pool.len(), 2, "both providers: {per_pool:?}");
+    assert!(per_pool.values().all(|n| *n <= 3), "{per_pool:?}");
+    let scale = wait_for("the scale subresource's selector", CONVERGE, || async {
+        let scale = api.get_scale("llama").await.ok()?;
+        let status = scale.status.clone()?;
+        (status.replicas == 5 && status.selector.is_some()).then_some(scale)
+    })
+    .await;
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(5));
+    assert_eq!(
+        scale.status.and_then(|s| s.selector).as_deref(),
+        Some("outrigger.dev/deployment=llama")
+    );
+
+    // A real HorizontalPodAutoscaler: the controller-manager's HPA controller reads
+    // the target's scale and selector (there is no metrics server, so it cannot
+    // compute a utilization, which is a different condition).
+    e2e::kubectl(&[
+        "autoscale",
+        "md/llama",
+        "--min=2",
+        "--max=6",
+        "--cpu-percent=70",
+        "-n",
+        &ns.name,
+    ]);
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns.name);
+    let status = wait_for("the HPA to read the scale", CONVERGE, || async {
+        let status = hpas.get("llama").await.ok()?.status?;
+        let conditions = status.conditions.clone().unwrap_or_default();
+        conditions
+            .iter()
+            .any(|c| c.type_ == "AbleToScale" && c.status == "True")
+            .then_some(status)
+    })
+    .await;
+    let conditions = status.conditions.clone().unwrap_or_default();
+    let able = conditions
+        .iter()
+        .find(|c| c.type_ == "AbleToScale")
+        .expect("AbleToScale");
+    assert_eq!(
+        able.reason.as_deref(),
+        Some("SucceededGetScale"),
+        "{able:?}"
+    );
+    assert_eq!(status.current_replicas, Some(5), "{status:?}");
+    assert!(
+        conditions.iter().all(|c| {
+            !matches!(
+                c.reason.as_deref(),
+                Some("InvalidSelector" | "FailedGetScale" | "SelectorRequired")
+            )
+        }),
+        "the HPA resolves the selector: {conditions:?}"
+    );
+    println!(
+        "HPA on md/llama: {}",
+        conditions
+            .iter()
+            .map(|c| format!(
+                "{}={} {}",
+                c.type_,
+                c.status,
+                c.reason.as_deref().unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 
     operator.stop().await;
     ns.delete().await;
