@@ -15,6 +15,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, controller, watcher};
 use kube::{Client, ResourceExt};
 use outrigger_crds::{GpuNodePool, ModelDeployment, PeerCluster};
@@ -553,24 +554,38 @@ async fn run_controllers(
             client: peer_client,
         });
         let forget = ctx.clone();
-        Controller::new(
+        let controller = Controller::new(
             Api::<PeerCluster>::all(ctx.client.clone()),
             watcher::Config::default(),
-        )
-        .reconcile_all_on(pokes(peers.changed.subscribe()))
-        .with_config(controller::Config::default().debounce(DEBOUNCE))
-        .graceful_shutdown_on(stopped(stop_peers))
-        .run(peer::reconcile, peer::error_policy, ctx)
-        .for_each(move |result| {
-            // A deleted PeerCluster: its link and metric series go.
-            if let Err(controller::Error::ObjectNotFound(gone)) = result {
-                forget.peers.drop_link(&gone.name);
-                forget.peers.settled(&gone.name);
-                forget.shared.metrics.forget_peer(&gone.name);
+        );
+        // A PeerCluster listed at start but deleted before the controller listed
+        // is never reconciled: plans must not wait for it.
+        let store = controller.store();
+        let expected = peers.clone();
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                for name in expected.pending_names() {
+                    if store.get(&ObjectRef::new(&name)).is_none() {
+                        expected.settled(&name);
+                    }
+                }
             }
-            futures::future::ready(())
-        })
-        .await;
+        });
+        controller
+            .reconcile_all_on(pokes(peers.changed.subscribe()))
+            .with_config(controller::Config::default().debounce(DEBOUNCE))
+            .graceful_shutdown_on(stopped(stop_peers))
+            .run(peer::reconcile, peer::error_policy, ctx)
+            .for_each(move |result| {
+                // A deleted PeerCluster: its link and metric series go.
+                if let Err(controller::Error::ObjectNotFound(gone)) = result {
+                    forget.peers.drop_link(&gone.name);
+                    forget.peers.settled(&gone.name);
+                    forget.shared.metrics.forget_peer(&gone.name);
+                }
+                futures::future::ready(())
+            })
+            .await;
     };
     tokio::join!(deployments, pools, scalers, peer_clusters);
 }

@@ -425,6 +425,48 @@ async fn placed_across_clusters_within_the_rules(run: &Run) {
         Some("aws=3 azure=2"),
         "the Providers column sums over clusters"
     );
+    // `outrigger plan` over both clusters' objects prints the plan they serve.
+    let dir = std::env::temp_dir().join(format!("outrigger-peers-{}", run.suffix));
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    let mut args = vec!["plan".to_string(), "-o".into(), "json".into()];
+    for cluster in ["aws", "azure"] {
+        let kube = run.kube(cluster);
+        let pool = Api::<GpuNodePool>::all(kube.clone())
+            .get(&run.pool(cluster))
+            .await
+            .expect("the pool");
+        let copy = Api::<ModelDeployment>::namespaced(kube.clone(), &ns)
+            .get(MD)
+            .await
+            .expect("the copy");
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": [pool, copy]});
+        let file = dir.join(format!("{cluster}-objects.json"));
+        std::fs::write(&file, list.to_string()).expect("write the objects");
+        args.extend(["--cluster".into(), cluster.into(), "-f".into()]);
+        args.push(file.to_str().expect("a UTF-8 path").to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let printed = outrigger("aws", &args).unwrap_or_else(|e| panic!("outrigger plan: {e}"));
+    let printed: serde_json::Value = serde_json::from_str(&printed).expect("JSON");
+    let planned: BTreeMap<(String, String), i32> = printed["plans"][0]["placements"]
+        .as_array()
+        .expect("placements")
+        .iter()
+        .map(|p| {
+            (
+                (
+                    p["cluster"].as_str().unwrap_or_default().to_string(),
+                    p["pool"].as_str().unwrap_or_default().to_string(),
+                ),
+                i32::try_from(p["replicas"].as_i64().unwrap_or_default()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        planned, expected,
+        "outrigger plan over both clusters prints the plan they serve: {printed}"
+    );
+    println!("outrigger plan --cluster aws -f ... --cluster azure -f ...: {planned:?}, as served");
 }
 
 /// Waits until PeerCluster `name` in `kube` has condition `type_` False with

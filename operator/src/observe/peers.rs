@@ -262,6 +262,16 @@ impl Peers {
         }
     }
 
+    /// Every PeerCluster that existed at start and is not settled yet.
+    pub fn pending_names(&self) -> Vec<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// A PeerCluster that existed at start and is not linked yet.
     pub fn pending(&self) -> Option<String> {
         self.pending
