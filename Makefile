@@ -6,7 +6,7 @@ export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
-.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
+.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo demo-single demo-down bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
 ## fresh local cluster (built on first use; see docs/local-cluster.md), then the
@@ -78,11 +78,16 @@ kind-down:
 crds: build
 	$(OUTRIGGER) crd --write crds
 
-## demo: the whole product on the local cluster with simulated clouds (hack/demo)
+## demo: one model served by two clusters, one per cloud (hack/peers), an AWS capacity
+## error routed to Azure, the whole aws cluster lost and back (hack/demo)
 demo: tools
 	hack/demo
 
-## demo-down: stop the demo's operator and cluster
+## demo-single: the single-cluster story: one cluster whose nodes span both clouds
+demo-single: tools
+	hack/demo-single
+
+## demo-down: stop the demos' operators and clusters
 demo-down:
 	hack/demo down
 
