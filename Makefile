@@ -6,12 +6,13 @@ export CARGO_BUILD_JOBS ?= 2
 
 OUTRIGGER := $(CARGO_TARGET_DIR)/debug/outrigger
 
-.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo demo-single demo-down bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
+.PHONY: test fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa tools crds demo demo-single demo-test demo-down bench bench-operator build cluster-up cluster-down peers-up peers-down docker-engine image-test node-image kind-test kind-up kind-down
 
 ## test: formatting, lints, unit and property tests, then the end-to-end tests on a
-## fresh local cluster (built on first use; see docs/local-cluster.md), then the
-## operator image and the kind cluster (Docker engine, node image built on first use)
-test: fmt-check clippy unit e2e e2e-peers chart-check e2e-as-sa image-test kind-test
+## fresh local cluster and on two (built on first use; see docs/local-cluster.md), the
+## demo, then the operator image and the kind cluster (Docker engine, node image built
+## on first use)
+test: fmt-check clippy unit e2e e2e-peers demo-test chart-check e2e-as-sa image-test kind-test
 
 fmt-check:
 	cargo fmt --all --check
@@ -86,6 +87,10 @@ demo: tools
 ## demo-single: the single-cluster story: one cluster whose nodes span both clouds
 demo-single: tools
 	hack/demo-single
+
+## demo-test: `make demo`, then `make demo-down`, then a check that no process is left
+demo-test: tools
+	hack/demo test
 
 ## demo-down: stop the demos' operators and clusters
 demo-down:
