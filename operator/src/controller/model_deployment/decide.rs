@@ -255,9 +255,15 @@ fn same_status(current: Option<&ModelDeploymentStatus>, desired: &ModelDeploymen
     current.is_some_and(|c| json(c) == json(desired))
 }
 
-/// Replicas per pool to apply: the plan, except that while replacements are not
-/// Ready yet a healthy pool the plan shrinks keeps its replicas (make before break).
-/// A lost pool gives its replicas up at once.
+/// Replicas per pool to apply: the plan, except that a healthy pool the plan
+/// shrinks keeps Ready replicas while the pools the plan grows are short of Ready
+/// ones (make before break): as many as they are short, so the Ready replicas
+/// never fall under the plan's. Counting the growing pools by Ready replicas, not
+/// by the replicas their children ask for, matters: a grown child's replicas are
+/// written at once (here, or by a peer), and are Ready only later. A pool back
+/// from an outage, until `rebalanceAfterSeconds`, counts no Ready replicas for
+/// this: what it reports may predate the outage (a peer's cluster back shows the
+/// children it had). A lost pool gives its replicas up at once.
 pub fn targets(
     plan: &placement::Plan,
     current: &BTreeMap<String, u32>,
@@ -269,14 +275,25 @@ pub fn targets(
         .iter()
         .map(|p| (p.pool.clone(), p.replicas))
         .collect();
-    let waiting = targets.iter().any(|(pool, &n)| {
-        n > current.get(pool).copied().unwrap_or(0) && ready.get(pool).copied().unwrap_or(0) < n
-    });
-    if waiting {
-        for (pool, &now) in current {
-            let planned = targets.get(pool).copied().unwrap_or(0);
-            if planned < now && health.get(pool) == Some(&Health::Healthy) {
-                targets.insert(pool.clone(), now);
+    let ready_in = |pool: &str| match health.get(pool) {
+        Some(Health::Recovering { .. }) => 0,
+        _ => ready.get(pool).copied().unwrap_or(0),
+    };
+    let mut short: u32 = targets
+        .iter()
+        .map(|(pool, &n)| n.saturating_sub(ready_in(pool)))
+        .sum();
+    for (pool, &now) in current {
+        if short == 0 {
+            break;
+        }
+        let planned = targets.get(pool).copied().unwrap_or(0);
+        if planned < now && health.get(pool) == Some(&Health::Healthy) {
+            let spare = ready_in(pool).min(now).saturating_sub(planned);
+            let keep = spare.min(short);
+            if keep > 0 {
+                short -= keep;
+                targets.insert(pool.clone(), planned + keep);
             }
         }
     }

@@ -311,9 +311,45 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
         BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
         "b grows; a keeps its 3 while b's new replicas are not Ready"
     );
+    // b's child already asks for 3 (written by the last pass, or by a peer), and
+    // only 1 is Ready: a still keeps its 3.
+    let grown = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]);
+    assert_eq!(
+        targets(&plan, &grown, &not_ready, &health),
+        BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
+        "a grown child that is not Ready yet does not let a shrink"
+    );
+    // One of b's new replicas Ready: a gives up one.
+    let one_more = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 2)]);
+    assert_eq!(
+        targets(&plan, &grown, &one_more, &health),
+        BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 3)])
+    );
     let ready = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]);
     assert_eq!(
-        targets(&plan, &current, &ready, &health),
+        targets(&plan, &grown, &ready, &health),
+        BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)])
+    );
+    // b back from an outage and reporting its 3 Ready: not trusted until the
+    // rebalance window ends, so a keeps its 3.
+    let b_back = BTreeMap::from([
+        ("a".to_string(), Health::Healthy),
+        (
+            "b".to_string(),
+            Health::Recovering {
+                until: at("2026-01-01T00:10:20Z"),
+            },
+        ),
+    ]);
+    assert_eq!(
+        targets(&plan, &grown, &ready, &b_back),
+        BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
+        "a pool back from an outage does not let others shrink"
+    );
+    // a keeps only Ready replicas: ones still starting there help nobody.
+    let a_starting = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
+    assert_eq!(
+        targets(&plan, &grown, &a_starting, &health),
         BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)])
     );
 }
