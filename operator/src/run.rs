@@ -357,12 +357,17 @@ async fn run_controllers(
         let peers = Peers::new(me, Arc::new(k8s_openapi::jiff::Timestamp::now));
         // Plans wait until each PeerCluster there is now is linked: planning before
         // would leave its cluster out, and launch its share here.
-        match Api::<PeerCluster>::all(client.clone())
-            .list(&Default::default())
-            .await
-        {
-            Ok(list) => peers.expect(list.items.iter().map(ResourceExt::name_any)),
-            Err(e) => tracing::warn!(error = %e, "failed to list PeerClusters at start"),
+        loop {
+            match Api::<PeerCluster>::all(client.clone())
+                .list(&Default::default())
+                .await
+            {
+                Ok(list) => break peers.expect(list.items.iter().map(ResourceExt::name_any)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to list PeerClusters at start; listing again");
+                    tokio::time::sleep(CRD_RECHECK).await;
+                }
+            }
         }
         Some(Arc::new(peers))
     } else {
@@ -594,10 +599,18 @@ async fn run_controllers(
 /// CRDs runs as a single cluster, and says how to add peers.
 async fn peers_served(client: &Client) -> bool {
     let api_version = format!("{}/{}", outrigger_crds::GROUP, outrigger_crds::VERSION);
-    let served = client
-        .list_api_group_resources(&api_version)
-        .await
-        .is_ok_and(|list| list.resources.iter().any(|r| r.name == "peerclusters"));
+    // Only a definite answer counts: planning alone by mistake would launch the
+    // peers' shares here.
+    let served = loop {
+        match client.list_api_group_resources(&api_version).await {
+            Ok(list) => break list.resources.iter().any(|r| r.name == "peerclusters"),
+            Err(kube::Error::Api(status)) if status.code == 404 => break false,
+            Err(e) => {
+                tracing::warn!(error = %e, "failed to ask the API server whether it serves PeerClusters; asking again");
+                tokio::time::sleep(CRD_RECHECK).await;
+            }
+        }
+    };
     if !served {
         tracing::warn!(
             "the API server does not serve {api_version} peerclusters: running as a single cluster. Apply crds/peerclusters.yaml (or upgrade the chart) to serve ModelDeployments with peers"
