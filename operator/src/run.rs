@@ -283,6 +283,10 @@ async fn shutdown_signal() {
 /// How long a ModelDeployment or pool reconcile waits for more triggers of the same
 /// object: short next to failover's seconds, long enough to merge a burst.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// The least time between two pokes of a controller from a shared change signal:
+/// wider than DEBOUNCE, so a cluster that keeps changing cannot hold its
+/// reconciles back (`observe::watch::pokes`).
+const POKE_SPACING: Duration = Duration::from_millis(600);
 
 /// How often the API is asked again for CRDs that are missing: the fix is one
 /// `kubectl apply`, after which the controllers should start promptly.
@@ -495,9 +499,9 @@ async fn run_controllers(
     )
     .reconcile_on(owners)
     .reconcile_on(node_triggers)
-    .reconcile_all_on(pokes(changed.subscribe()))
+    .reconcile_all_on(pokes(changed.subscribe(), POKE_SPACING))
     .reconcile_all_on(match &peers {
-        Some(p) => pokes(p.changed.subscribe()).left_stream(),
+        Some(p) => pokes(p.changed.subscribe(), POKE_SPACING).left_stream(),
         None => futures::stream::pending().right_stream(),
     })
     .with_config(config.clone())
@@ -529,8 +533,8 @@ async fn run_controllers(
         Api::<GpuNodePool>::all(client.clone()),
         watcher::Config::default(),
     )
-    .reconcile_all_on(pokes(changed.subscribe()))
-    .reconcile_all_on(pokes(usage.subscribe()))
+    .reconcile_all_on(pokes(changed.subscribe(), POKE_SPACING))
+    .reconcile_all_on(pokes(usage.subscribe(), POKE_SPACING))
     .with_config(config)
     .graceful_shutdown_on(stopped(stop.clone()))
     .run(pool::reconcile, pool::error_policy, shared.clone())
@@ -539,8 +543,8 @@ async fn run_controllers(
         (shared.clone(), client.clone(), stop.clone());
     // Pools scale independently, and one may wait minutes on an Azure operation.
     let scalers = Controller::new(Api::<GpuNodePool>::all(client), watcher::Config::default())
-        .reconcile_all_on(pokes(changed.subscribe()))
-        .reconcile_all_on(pokes(usage.subscribe()))
+        .reconcile_all_on(pokes(changed.subscribe(), POKE_SPACING))
+        .reconcile_all_on(pokes(usage.subscribe(), POKE_SPACING))
         .with_config(controller::Config::default().concurrency(8))
         .graceful_shutdown_on(stopped(stop))
         .run(
@@ -577,7 +581,7 @@ async fn run_controllers(
             }
         });
         controller
-            .reconcile_all_on(pokes(peers.changed.subscribe()))
+            .reconcile_all_on(pokes(peers.changed.subscribe(), POKE_SPACING))
             .with_config(controller::Config::default().debounce(DEBOUNCE))
             .graceful_shutdown_on(stopped(stop_peers))
             .run(peer::reconcile, peer::error_policy, ctx)

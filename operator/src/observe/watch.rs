@@ -293,10 +293,65 @@ pub async fn route(
     }
 }
 
-/// A stream that yields once per change of `rx`, coalescing bursts.
-pub fn pokes(rx: watch::Receiver<u64>) -> impl Stream<Item = ()> + Send + 'static {
-    futures::stream::unfold(rx, |mut rx| async move {
+/// A stream that yields once per change of `rx`, coalescing bursts, and never
+/// twice within `spacing`. A controller's debounce delays a request again with
+/// every new trigger for the object (kube-runtime's `Config::debounce`), so pokes
+/// closer together than the debounce would hold every reconcile back for as long
+/// as the cluster keeps changing; spaced wider than it, each burst's reconcile runs.
+pub fn pokes(
+    rx: watch::Receiver<u64>,
+    spacing: std::time::Duration,
+) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold((rx, None), move |(mut rx, last)| async move {
         rx.changed().await.ok()?;
-        Some(((), rx))
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + spacing).await;
+        }
+        // What changed while waiting is part of this poke.
+        rx.mark_unchanged();
+        Some(((), (rx, Some(tokio::time::Instant::now()))))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use tokio::sync::watch;
+
+    use super::pokes;
+
+    /// Changes every 100 ms for 3 s: the first poke comes at once, the rest at most
+    /// one per 600 ms, and the last change still gets one.
+    #[tokio::test(start_paused = true)]
+    async fn pokes_are_spaced_wider_than_the_debounce() {
+        let (tx, rx) = watch::channel(0u64);
+        let spacing = Duration::from_millis(600);
+        let start = tokio::time::Instant::now();
+        let seen = tokio::spawn(async move {
+            let mut at = Vec::new();
+            let mut stream = std::pin::pin!(pokes(rx, spacing));
+            while stream.next().await.is_some() {
+                at.push(start.elapsed());
+            }
+            at
+        });
+        for i in 1..=30u64 {
+            tx.send_replace(i);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(tx);
+        let at = seen.await.expect("the stream ends with the sender");
+        assert_eq!(at.first(), Some(&Duration::ZERO), "{at:?}");
+        assert!(at.windows(2).all(|w| w[1] - w[0] >= spacing), "{at:?}");
+        assert!(
+            at.len() >= 5,
+            "one poke per spacing while changes go on: {at:?}"
+        );
+        assert!(
+            *at.last().expect("pokes") >= Duration::from_millis(2900),
+            "the last change is poked: {at:?}"
+        );
+    }
 }

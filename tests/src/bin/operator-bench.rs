@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Api, PostParams};
 use outrigger_crds::ModelDeployment;
-use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace, wait_for};
+use outrigger_tests::e2e::{self, Fleet, Operator, PoolSpec, TestNamespace};
 use serde_json::json;
 
 /// The default size: 50 pools of 10 nodes, 200 ModelDeployments of 3 replicas.
 const POOLS: usize = 50;
 const NODES_PER_POOL: u32 = 10;
 const DEPLOYMENTS: usize = 200;
+/// How long all ModelDeployments may take to be Ready.
+const READY_WITHIN: Duration = Duration::from_secs(1800);
 /// How long the converged operator is watched for writes (steady state: none).
 const QUIET: Duration = Duration::from_secs(30);
 
@@ -55,29 +57,53 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     previous.0
 }
 
-async fn histogram(operator: &Operator, name: &str, controller: &str) -> Vec<(f64, f64)> {
-    let text = reqwest::get(&operator.metrics_url)
+/// The cumulative buckets of histogram `name` in the Prometheus text `metrics`,
+/// summed over the series whose labels include every one of `labels`
+/// (`key="value"`).
+fn histogram(metrics: &str, name: &str, labels: &[&str]) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut buckets: std::collections::BTreeMap<u64, f64> = Default::default();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|label| l.contains(label)))
+    {
+        let Some(le) = line.split("le=\"").nth(1).and_then(|l| l.split('"').next()) else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0.0);
+        // Bounds are positive, so their bits order as they do.
+        *buckets.entry(le.to_bits()).or_default() += count;
+    }
+    buckets
+        .into_iter()
+        .map(|(le, count)| (f64::from_bits(le), count))
+        .collect()
+}
+
+async fn metrics_text(operator: &Operator) -> String {
+    reqwest::get(&operator.metrics_url)
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
-    let prefix = format!("{name}_bucket{{");
-    let mut buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter(|l| l.starts_with(&prefix) && l.contains(&format!("controller=\"{controller}\"")))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    buckets
+        .expect("text")
+}
+
+/// The API server's own `/metrics`.
+async fn apiserver_metrics(client: &kube::Client) -> String {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("a request");
+    client.request_text(request).await.unwrap_or_default()
 }
 
 /// What the operator's stores hold: every pool, node and running pod, and its
@@ -123,16 +149,72 @@ async fn stored_objects(client: &kube::Client) -> usize {
     )
 }
 
-fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// The share of observations at or under `bound` (a bucket bound).
+fn share_within(buckets: &[(f64, f64)], bound: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let within = buckets
+        .iter()
+        .find(|(le, _)| (*le - bound).abs() < 1e-9)
+        .map_or(f64::NAN, |b| b.1);
+    within / total.max(1.0)
+}
+
+/// One line of figures for a latency histogram.
+fn latency(buckets: &[(f64, f64)]) -> String {
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, {:.2} % within 100 ms, over {} passes",
+        quantile(buckets, 0.5) * 1e3,
+        quantile(buckets, 0.99) * 1e3,
+        share_within(buckets, 0.1) * 100.0,
+        buckets.last().map_or(0.0, |b| b.1)
+    )
+}
+
+/// A memory figure of `/proc/<pid>/status` (`VmHWM` peak, `VmRSS` now), in MiB.
+fn memory_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()?;
     Some(kib / 1024.0)
+}
+
+fn is_ready(md: &ModelDeployment) -> bool {
+    md.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+}
+
+/// When `count` ModelDeployments are Ready, read from a watch: polling lists of
+/// every ModelDeployment would load the API server the operator is measured on.
+async fn all_ready(api: &Api<ModelDeployment>, count: usize) -> Instant {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let mut ready = std::collections::BTreeMap::new();
+    let mut events =
+        std::pin::pin!(watcher(api.clone(), watcher::Config::default()).default_backoff());
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(md) | watcher::Event::InitApply(md)) => {
+                ready.insert(md.metadata.name.clone().unwrap_or_default(), is_ready(&md));
+            }
+            Ok(watcher::Event::Delete(md)) => {
+                ready.remove(&md.metadata.name.clone().unwrap_or_default());
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(error) => eprintln!("watching ModelDeployments: {error}; the watch restarts"),
+        }
+        if ready.values().filter(|r| **r).count() >= count {
+            return Instant::now();
+        }
+    }
+    panic!("the ModelDeployment watch ended");
 }
 
 #[tokio::main]
@@ -210,33 +292,55 @@ async fn main() {
             .expect("created");
     }
     let created = applied.elapsed();
-    let ready_after = wait_for(
-        "all ModelDeployments Ready",
-        Duration::from_secs(1800),
-        || async {
-            let list = api.list(&Default::default()).await.ok()?;
-            let ready = list
-                .items
-                .iter()
-                .filter(|md| {
-                    md.status.as_ref().is_some_and(|s| {
-                        s.conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
-                    })
-                })
-                .count();
-            (ready == deployments).then(|| applied.elapsed())
-        },
-    )
-    .await;
+    let ready_after = tokio::time::timeout(READY_WITHIN, all_ready(&api, deployments))
+        .await
+        .unwrap_or_else(|_| {
+            panic!("not all {deployments} ModelDeployments Ready within {READY_WITHIN:?}")
+        });
+    let ready_after = ready_after.duration_since(applied);
 
+    let controller = "controller=\"modeldeployment\"";
+    let metrics = metrics_text(&operator).await;
     let buckets = histogram(
-        &operator,
+        &metrics,
         "outrigger_reconcile_duration_seconds",
-        "modeldeployment",
-    )
-    .await;
+        &[controller],
+    );
+    let deciding = histogram(
+        &metrics,
+        "outrigger_reconcile_phase_seconds",
+        &[controller, "phase=\"decide\""],
+    );
+    let writing = histogram(
+        &metrics,
+        "outrigger_reconcile_phase_seconds",
+        &[controller, "phase=\"write\""],
+    );
+    // The same writes as the API server timed them (every client's, mostly ours).
+    let served = apiserver_metrics(&client).await;
+    let server_side: Vec<(&str, Vec<(f64, f64)>)> = [
+        ("Deployment applies", "resource=\"deployments\""),
+        (
+            "ModelDeployment status applies",
+            "resource=\"modeldeployments\"",
+        ),
+        (
+            "PodDisruptionBudget applies",
+            "resource=\"poddisruptionbudgets\"",
+        ),
+    ]
+    .into_iter()
+    .map(|(what, resource)| {
+        (
+            what,
+            histogram(
+                &served,
+                "apiserver_request_duration_seconds",
+                &["verb=\"APPLY\"", resource],
+            ),
+        )
+    })
+    .collect();
     let reconciles = buckets.last().map_or(0.0, |b| b.1);
     let writes = operator
         .metric("outrigger_api_writes_total")
@@ -247,15 +351,48 @@ async fn main() {
         &format!("outrigger/{} bench", env!("CARGO_PKG_VERSION")),
     )
     .len();
-    // Converged: a quiet window in which nothing changes, so nothing is written.
+    // Converged: once the pods of children deleted on the way are gone too, a quiet
+    // window in which nothing changes, so nothing is written.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns.name);
+    let settled = Instant::now();
+    e2e::wait_for("no pod terminating", Duration::from_secs(300), || async {
+        let list = pods.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .all(|p| p.metadata.deletion_timestamp.is_none())
+            .then_some(())
+    })
+    .await;
+    println!(
+        "settled: no pod terminating {:.1} s after all Ready",
+        settled.elapsed().as_secs_f64()
+    );
     let quiet_from = e2e::audit_log_len();
+    let pools_api: Api<outrigger_crds::GpuNodePool> = Api::all(client.clone());
+    let statuses = || async {
+        pools_api
+            .list(&Default::default())
+            .await
+            .map(|l| {
+                l.items
+                    .into_iter()
+                    .map(|p| {
+                        let status = serde_json::to_value(&p.status).unwrap_or_default();
+                        (p.metadata.name.unwrap_or_default(), status)
+                    })
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            })
+            .unwrap_or_default()
+    };
+    let before = statuses().await;
     tokio::time::sleep(QUIET).await;
     let quiet_writes = e2e::writes_since(
         quiet_from,
         &format!("outrigger/{} bench", env!("CARGO_PKG_VERSION")),
-    )
-    .len();
-    let rss = operator.pid().and_then(peak_rss_mib);
+    );
+    let rss = operator.pid().and_then(|pid| memory_mib(pid, "VmHWM:"));
+    let rss_now = operator.pid().and_then(|pid| memory_mib(pid, "VmRSS:"));
+    let rss_file = operator.pid().and_then(|pid| memory_mib(pid, "RssFile:"));
     let stored = stored_objects(&client).await;
     println!(
         "apply: {deployments} ModelDeployments created in {:.1} s",
@@ -265,19 +402,50 @@ async fn main() {
         "all Ready: {:.1} s after the first apply (goal: 60 s)",
         ready_after.as_secs_f64()
     );
+    println!("reconcile latency (modeldeployment): {}", latency(&buckets));
+    println!("  of which deciding (no I/O): {}", latency(&deciding));
     println!(
-        "reconcile latency (modeldeployment): p50 {:.1} ms, p99 {:.1} ms over {reconciles} reconciles",
-        quantile(&buckets, 0.5) * 1e3,
-        quantile(&buckets, 0.99) * 1e3
+        "  of which writing (passes that wrote): {}",
+        latency(&writing)
     );
+    for (what, buckets) in &server_side {
+        println!("  API server's own time for {what}: {}", latency(buckets));
+    }
     println!(
         "API writes: {writes} counted by the operator, {audited} in the audit log; {:.2} per reconcile",
         writes / reconciles.max(1.0)
     );
-    println!("steady state: {quiet_writes} API writes in the {QUIET:?} after convergence");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("outrigger_api_writes_total{"))
+    {
+        println!("  {line}");
+    }
+    println!(
+        "steady state: {} API writes in the {QUIET:?} after convergence",
+        quiet_writes.len()
+    );
+    for write in &quiet_writes {
+        println!("  {write}");
+    }
+    // What those writes changed, for the first few pools.
+    let after = statuses().await;
+    for (name, status) in after
+        .iter()
+        .filter(|(n, s)| before.get(*n) != Some(*s))
+        .take(3)
+    {
+        println!(
+            "  pool {name}: was {}",
+            before.get(name).cloned().unwrap_or_default()
+        );
+        println!("  pool {name}: now {status}");
+    }
     match rss {
         Some(mib) => println!(
-            "operator peak RSS: {mib:.1} MiB (goal: 48 MiB), {stored} objects in its stores: {:.1} KiB per object",
+            "operator peak RSS: {mib:.1} MiB (goal: 48 MiB; {:.1} MiB at the end, {:.1} MiB of it mapped files such as the binary's code), {stored} objects in its stores: {:.1} KiB per object",
+            rss_now.unwrap_or(f64::NAN),
+            rss_file.unwrap_or(f64::NAN),
             mib * 1024.0 / stored.max(1) as f64
         ),
         None => println!("operator peak RSS: unknown"),

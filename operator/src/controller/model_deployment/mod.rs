@@ -136,6 +136,7 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     }
 
     // Observe: the facts this deployment's plan reads.
+    let deciding = std::time::Instant::now();
     let shared = &ctx.shared;
     let now = shared.now();
     let inventory = shared.stores.inventory(now);
@@ -233,6 +234,10 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     }
 
     tracing::debug!(writes = decision.writes(), "decided");
+    shared
+        .metrics
+        .reconcile_phase(CONTROLLER, "decide", deciding.elapsed());
+    let writing = std::time::Instant::now();
 
     // Act and report: the growing pools, the Service, the budget and the status go
     // out together; the pools that shrink, and deletes, once those are applied
@@ -280,6 +285,11 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
         Ok::<(), Error>(())
     }
     .await;
+    if decision.writes() > 0 {
+        shared
+            .metrics
+            .reconcile_phase(CONTROLLER, "write", writing.elapsed());
+    }
     if let Err(error) = written {
         // Refused for what the object says (invalid, forbidden, over a quota), not a
         // transient failure: a person has to act on it.
