@@ -463,13 +463,18 @@ impl Operator {
     }
 
     /// One metric's value (the sum over its label sets), if exported.
-    pub async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(&self.metrics_url)
+    /// The operator's `/metrics`, as Prometheus text.
+    pub async fn metrics_text(&self) -> Option<String> {
+        reqwest::get(&self.metrics_url)
             .await
             .ok()?
             .text()
             .await
-            .ok()?;
+            .ok()
+    }
+
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.metrics_text().await?;
         let values: Vec<f64> = text
             .lines()
             .filter(|l| !l.starts_with('#'))

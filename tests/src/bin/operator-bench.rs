@@ -92,15 +92,6 @@ fn histogram(metrics: &str, name: &str, labels: &[&str]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-async fn metrics_text(operator: &Operator) -> String {
-    reqwest::get(&operator.metrics_url)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// The API server's own `/metrics`.
 async fn apiserver_metrics(client: &kube::Client) -> String {
     let request = http::Request::get("/metrics")
@@ -303,7 +294,10 @@ async fn main() {
     let ready_after = ready_after.duration_since(applied);
 
     let controller = "controller=\"modeldeployment\"";
-    let metrics = metrics_text(&operator).await;
+    let metrics = operator
+        .metrics_text()
+        .await
+        .expect("the operator's metrics");
     let buckets = histogram(
         &metrics,
         "outrigger_reconcile_duration_seconds",

@@ -154,6 +154,11 @@ fn applied(decision: &Decision, ready: bool) -> (Vec<Child>, Existing) {
     (children, existing)
 }
 
+/// Counts for pools `a` and `b`.
+fn ab(a: u32, b: u32) -> BTreeMap<String, u32> {
+    BTreeMap::from([("a".to_string(), a), ("b".to_string(), b)])
+}
+
 fn two_pools() -> Vec<Arc<GpuNodePool>> {
     vec![pool("aws-a", "aws"), pool("azure-a", "azure")]
 }
@@ -300,36 +305,30 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
         unplaced_reason: None,
         score: Vec::new(),
     };
-    let current = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)]);
+    let current = ab(3, 1);
     let health = BTreeMap::from([
         ("a".to_string(), Health::Healthy),
         ("b".to_string(), Health::Healthy),
     ]);
-    let not_ready = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 1)]);
+    let not_ready = ab(3, 1);
     assert_eq!(
         targets(&plan, &current, &not_ready, &health),
-        BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
+        ab(3, 3),
         "b grows; a keeps its 3 while b's new replicas are not Ready"
     );
     // b's child already asks for 3 (written by the last pass, or by a peer), and
     // only 1 is Ready: a still keeps its 3.
-    let grown = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]);
+    let grown = ab(3, 3);
     assert_eq!(
         targets(&plan, &grown, &not_ready, &health),
-        BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
+        ab(3, 3),
         "a grown child that is not Ready yet does not let a shrink"
     );
     // One of b's new replicas Ready: a gives up one.
-    let one_more = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 2)]);
-    assert_eq!(
-        targets(&plan, &grown, &one_more, &health),
-        BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 3)])
-    );
-    let ready = BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]);
-    assert_eq!(
-        targets(&plan, &grown, &ready, &health),
-        BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)])
-    );
+    let one_more = ab(3, 2);
+    assert_eq!(targets(&plan, &grown, &one_more, &health), ab(2, 3));
+    let ready = ab(3, 3);
+    assert_eq!(targets(&plan, &grown, &ready, &health), ab(1, 3));
     // b back from an outage and reporting its 3 Ready: not trusted until the
     // rebalance window ends, so a keeps its 3.
     let b_back = BTreeMap::from([
@@ -343,13 +342,10 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
     ]);
     assert_eq!(
         targets(&plan, &grown, &ready, &b_back),
-        BTreeMap::from([("a".to_string(), 3), ("b".to_string(), 3)]),
+        ab(3, 3),
         "a pool back from an outage does not let others shrink"
     );
     // a keeps only Ready replicas: ones still starting there help nobody.
-    let a_starting = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 1)]);
-    assert_eq!(
-        targets(&plan, &grown, &a_starting, &health),
-        BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)])
-    );
+    let a_starting = ab(1, 1);
+    assert_eq!(targets(&plan, &grown, &a_starting, &health), ab(1, 3));
 }
