@@ -32,7 +32,7 @@ tools:
 
 ## e2e: a fresh local cluster with the simulators, the operator tests, then down
 e2e: tools
-	hack/e2e --test cluster_smoke --test operator --test leader --test cloud
+	hack/e2e --test cluster_smoke --test operator --test leader --test cloud --test lifecycle
 
 ## e2e-peers: two fresh local clusters side by side (hack/peers: aws and azure, one
 ## pair of simulators), the several-clusters tests, then down
@@ -47,7 +47,7 @@ chart-check:
 ## e2e-as-sa: the operator e2e tests with the operator authenticated as the chart's
 ## ServiceAccount (a TokenRequest token in a kubeconfig), so its RBAC is proven enough
 e2e-as-sa:
-	hack/e2e-as-sa --test operator --test leader --test cloud
+	hack/e2e-as-sa --test operator --test leader --test cloud --test lifecycle
 
 ## docker-engine: Debian's docker.io and debootstrap installed, dockerd answering
 ## (started in the background if needed; hack/docker-engine)

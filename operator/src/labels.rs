@@ -22,3 +22,8 @@ pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 /// only after `failover.rebalanceAfterSeconds` from this transition.
 pub const REASON_RECOVERED: &str = "Recovered";
 pub const REASON_NODES_LOST: &str = "NodesLost";
+/// On a Node whose instance is being interrupted: the typed notice
+/// (`lifecycle::Interruption` as JSON: kind, when noticed, deadline).
+pub const INTERRUPTION: &str = "outrigger.dev/interruption";
+/// On a pod of a doomed Node: the ReplicaSet removes it first when it scales down.
+pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

@@ -12,6 +12,7 @@ mod crdgen;
 mod inputs;
 mod labels;
 mod leader;
+mod lifecycle;
 mod observe;
 mod peer_cli;
 mod plan;

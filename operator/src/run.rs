@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use crate::cloud::metered::{self, Metered};
 use crate::cloud::{CloudProvider, Clouds, aws, azure};
 use crate::controller::apply::Applier;
-use crate::controller::{Context, Stores, model_deployment, peer, pool, scaler};
+use crate::controller::{Context, Stores, interruption, model_deployment, peer, pool, scaler};
 use crate::labels;
 use crate::leader::Elector;
 use crate::observe::peers::{Me, Peers};
@@ -74,6 +74,13 @@ pub struct CloudArgs {
     /// One AWS region for every pool (default: each pool's spec.region).
     #[arg(long)]
     aws_region: Option<String>,
+    /// The URL of an SQS queue that EventBridge rules fill with EC2 spot
+    /// interruption warnings, rebalance recommendations, instance state changes and
+    /// AWS Health scheduled changes (docs/cloud.md). Read with the same
+    /// credentials and endpoint override as EC2. Without it, AWS interruptions are
+    /// noticed only when the nodes go.
+    #[arg(long, env = "OUTRIGGER_AWS_INTERRUPTION_QUEUE", value_parser = queue_url)]
+    aws_interruption_queue: Option<String>,
     /// Another Azure Resource Manager endpoint (the simulator).
     #[arg(long)]
     azure_endpoint_url: Option<String>,
@@ -100,27 +107,43 @@ pub struct CloudArgs {
 /// The instance tag of a cluster without `--cluster-name`.
 const UNNAMED_TAG: &str = "outrigger";
 
+fn queue_url(url: &str) -> Result<String, String> {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        Ok(url.to_string())
+    } else {
+        Err(format!(
+            "{url:?} is not a queue URL: give the QueueUrl SQS shows, such as https://sqs.us-east-1.amazonaws.com/123456789012/outrigger-interruptions"
+        ))
+    }
+}
+
 fn cluster_name(name: &str) -> Result<String, String> {
     crate::validate::dns_label(name).map_err(String::from)?;
     Ok(name.to_string())
 }
 
 impl CloudArgs {
-    async fn clouds(&self, metrics: &Arc<Metrics>) -> Clouds {
+    /// The clouds, and the interruption queue when one is named.
+    async fn clouds(&self, metrics: &Arc<Metrics>) -> (Clouds, Option<interruption::Queue>) {
         let operation_timeout = Duration::from_secs(self.azure_operation_timeout_seconds);
         let policy = metered::Policy {
             operation_timeout: operation_timeout + Duration::from_secs(30),
             ..metered::Policy::default()
         };
-        let aws = aws::Aws::new(aws::AwsSettings {
+        let settings = aws::AwsSettings {
             endpoint_url: self.aws_endpoint_url.clone(),
             region: self.aws_region.clone(),
             cluster: self
                 .cluster_name
                 .clone()
                 .unwrap_or_else(|| UNNAMED_TAG.to_string()),
-        })
-        .await;
+        };
+        let config = aws::Aws::config(&settings).await;
+        let queue = self
+            .aws_interruption_queue
+            .clone()
+            .map(|url| interruption::Queue::new(&config, url));
+        let aws = aws::Aws::with_config(config, settings);
         let azure = match azure::Azure::new(&azure::AzureSettings {
             endpoint_url: self.azure_endpoint_url.clone(),
             static_token: self.azure_token.clone(),
@@ -134,10 +157,13 @@ impl CloudArgs {
                 None
             }
         };
-        Clouds {
-            aws: Some(Arc::new(Metered::new(aws, metrics.clone(), policy))),
-            azure,
-        }
+        (
+            Clouds {
+                aws: Some(Arc::new(Metered::new(aws, metrics.clone(), policy))),
+                azure,
+            },
+            queue,
+        )
     }
 
     fn scaler(&self) -> scaler::Settings {
@@ -208,7 +234,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
     }
     metrics.leader.set(1);
 
-    let clouds = args.cloud.clouds(&metrics).await;
+    let (clouds, queue) = args.cloud.clouds(&metrics).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let me = Me {
         name: args.cloud.cluster_name.clone().unwrap_or_default(),
@@ -220,7 +246,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         metrics.clone(),
         ready,
         identity,
-        (clouds, args.cloud.scaler()),
+        (clouds, queue, args.cloud.scaler()),
         me,
         stop_rx,
     ));
@@ -345,7 +371,7 @@ async fn run_controllers(
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     identity: String,
-    (clouds, scaler): (Clouds, scaler::Settings),
+    (clouds, queue, scaler): (Clouds, Option<interruption::Queue>, scaler::Settings),
     mut me: Me,
     stop: watch::Receiver<bool>,
 ) {
@@ -478,8 +504,12 @@ async fn run_controllers(
         ),
         clouds,
         clock: Arc::new(k8s_openapi::jiff::Timestamp::now),
+        reclaim_backoff: scaler.backoff,
         peers: peers.clone(),
     });
+    if let Some(queue) = queue {
+        tokio::spawn(queue.run(shared.clone(), stop.clone()));
+    }
     let md_ctx = Arc::new(model_deployment::Ctx::new(shared.clone()));
     let (routed, node_triggers) = mpsc::unbounded();
     tokio::spawn(route(pool_names, routed, md_ctx.clone()));

@@ -117,7 +117,7 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
     replicas.sort_unstable_by(|a, b| b.cmp(a));
     let mut bins: Vec<(u32, bool)> = inventory
         .nodes_in(pool)
-        .filter(|n| n.readiness == Readiness::Ready)
+        .filter(|n| n.readiness == Readiness::Ready && !n.doomed())
         .map(|n| (n.allocatable.saturating_sub(n.others_gpus()), false))
         .collect();
     for gpus in replicas {

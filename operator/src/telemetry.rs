@@ -85,6 +85,13 @@ pub struct WriteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterruptionLabels {
+    pub provider: String,
+    pub kind: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -102,6 +109,7 @@ pub struct Metrics {
     pub api_writes: Family<WriteLabels, Counter>,
     pub leader: Gauge,
     pub cloud_requests: Family<CloudLabels, Counter>,
+    interruptions: Family<InterruptionLabels, Counter>,
     pub cloud_request_duration: Family<CloudOperationLabels, Histogram>,
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub peer_last_seen_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -170,6 +178,12 @@ impl Metrics {
             "Cloud API attempts, by provider, operation and result (ok or the error kind)",
             cloud_requests.clone(),
         );
+        let interruptions = Family::<InterruptionLabels, Counter>::default();
+        registry.register(
+            "interruptions",
+            "Interruption notices and queue messages, by provider, kind (spot, scheduled, state-change, preempt, rebalance, or unparsable) and what Outrigger did (cordoned, event, not-ours, ignored, deleted)",
+            interruptions.clone(),
+        );
         let peer_reachable = Family::<PeerLabels, Gauge>::default();
         let peer_last_seen_seconds =
             Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -191,6 +205,7 @@ impl Metrics {
         Metrics {
             registry,
             cloud_requests,
+            interruptions,
             cloud_request_duration,
             reconcile_duration,
             reconcile_phase,
@@ -303,6 +318,16 @@ impl Metrics {
                 phase: phase.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    pub fn interruption(&self, provider: &str, kind: &str, action: &str) {
+        self.interruptions
+            .get_or_create(&InterruptionLabels {
+                provider: provider.to_string(),
+                kind: kind.to_string(),
+                action: action.to_string(),
+            })
+            .inc();
     }
 
     pub fn reconcile_failed(&self, controller: &str, kind: &str) {

@@ -117,6 +117,14 @@ const USED: &[Use] = &[
     },
     Use {
         scope: Scope::Cluster,
+        group: "",
+        resource: "pods",
+        verbs: &["patch"],
+        file: "controller/apply.rs",
+        code: "let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);",
+    },
+    Use {
+        scope: Scope::Cluster,
         group: "apps",
         resource: "deployments",
         verbs: &["list", "watch"],

@@ -19,6 +19,9 @@
 //! | `POST /links/heal` | `{"a": "aws", "b": "azure"}` (either or both optional): open the links again |
 //! | `POST /clusters/{name}/down` | stop a whole cluster's control plane, keeping its data (`hack/peers fault down`) |
 //! | `POST /clusters/{name}/up` | start it again with the same data |
+//! | `POST /interrupt` | `{"provider", "instanceId" or "node", "kind": "spot", "rebalance", "scheduled" or "preempt", "noticeSeconds"}` (see [`crate::interrupt`]) |
+//! | `GET /aws/interruption-queue` | `{"queueUrl", "messages"}`: the SQS queue in moto that AWS interruptions go to (made if needed), and how many messages it holds |
+//! | `POST /aws/interruption-queue` | any body: sent to the queue as it is (bad messages, for tests) |
 //! | `POST /reset` | forget everything: moto's resources, scale sets, faults, outages, limits; heal every link |
 
 use std::collections::HashMap;
@@ -70,6 +73,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/links/partition", post(partition))
         .route("/links/heal", post(heal))
         .route("/clusters/{name}/{action}", post(cluster_action))
+        .route("/interrupt", post(interrupt))
+        .route(
+            "/aws/interruption-queue",
+            get(queue_url).post(send_to_queue),
+        )
         .route("/reset", post(reset))
         .with_state(shared)
 }
@@ -368,4 +376,33 @@ async fn reset(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, Control
     shared.wake_registrar();
     tracing::info!("control: reset");
     Ok(Json(json!({ "reset": true })))
+}
+
+async fn interrupt(
+    State(shared): State<Arc<Shared>>,
+    Json(request): Json<crate::interrupt::Request>,
+) -> Result<(StatusCode, Json<Value>), ControlError> {
+    crate::interrupt::interrupt(shared, request)
+        .await
+        .map(|done| (StatusCode::CREATED, Json(done)))
+        .map_err(bad_request)
+}
+
+async fn queue_url(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ControlError> {
+    let gateway = |e| ControlError(StatusCode::BAD_GATEWAY, e);
+    let url = shared.queue.url().await.map_err(gateway)?;
+    let messages = shared.queue.depth().await.map_err(gateway)?;
+    Ok(Json(json!({ "queueUrl": url, "messages": messages })))
+}
+
+async fn send_to_queue(
+    State(shared): State<Arc<Shared>>,
+    body: String,
+) -> Result<StatusCode, ControlError> {
+    shared
+        .queue
+        .send(body)
+        .await
+        .map_err(|e| ControlError(StatusCode::BAD_GATEWAY, e))?;
+    Ok(StatusCode::CREATED)
 }

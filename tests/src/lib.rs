@@ -20,6 +20,7 @@ pub mod control;
 pub mod ec2;
 pub mod faults;
 pub mod harness;
+pub mod interrupt;
 pub mod links;
 pub mod peers;
 pub mod registrar;

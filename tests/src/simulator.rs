@@ -90,6 +90,10 @@ pub(crate) struct Shared {
     pub(crate) azure_base: String,
     pub(crate) links: Links,
     pub(crate) cluster_script: Option<std::path::PathBuf>,
+    /// The interruption queue in moto.
+    pub(crate) queue: crate::interrupt::Queue,
+    /// The clusters the registrar serves, for Node conditions (Azure interruptions).
+    pub(crate) clusters: Vec<kube::Client>,
 }
 
 impl Shared {
@@ -161,6 +165,12 @@ impl Simulator {
             azure_base: azure_url.clone(),
             links,
             cluster_script: config.cluster_script,
+            queue: crate::interrupt::Queue::new(&config.moto_url),
+            clusters: config
+                .registrar
+                .iter()
+                .flat_map(|r| r.clusters.iter().map(|c| c.client.clone()))
+                .collect(),
         });
 
         let (shutdown, stop) = watch::channel(false);

@@ -43,10 +43,11 @@ pub struct Aws {
 }
 
 impl Aws {
-    /// Loads the shared AWS configuration. The SDK's own retries are off: the
-    /// metered wrapper retries, so that each attempt is counted and `Retry-After`
-    /// rules are ours.
-    pub async fn new(settings: AwsSettings) -> Aws {
+    /// Loads the shared AWS configuration: the standard chain with these
+    /// overrides; the interruption queue's client is made from it too. The SDK's
+    /// own retries are off: the metered wrapper retries, so that each attempt is
+    /// counted and `Retry-After` rules are ours (the queue loop receives again).
+    pub async fn config(settings: &AwsSettings) -> aws_config::SdkConfig {
         let mut loader =
             aws_config::defaults(BehaviorVersion::latest()).retry_config(RetryConfig::disabled());
         if let Some(url) = &settings.endpoint_url {
@@ -60,7 +61,7 @@ impl Aws {
             .or_else(EnvironmentVariableRegionProvider::new())
             .or_else(Region::from_static("us-east-1"));
         loader = loader.region(region);
-        Aws::with_config(loader.load().await, settings)
+        loader.load().await
     }
 
     /// An adapter on a configuration loaded elsewhere.

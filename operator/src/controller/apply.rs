@@ -7,6 +7,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::{Client, Resource};
 use serde::Serialize;
@@ -173,6 +174,32 @@ impl Applier {
         }
         self.metrics.wrote(&K::plural(&()), "patch");
         Ok(true)
+    }
+
+    /// A JSON merge patch of a pod (its deletion cost); a pod that is gone counts
+    /// as done.
+    pub async fn merge_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        patch: &serde_json::Value,
+    ) -> Result<(), Error> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => self.metrics.wrote("pods", "patch"),
+            Err(kube::Error::Api(e)) if e.is_not_found() => {}
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: "Pod".to_string(),
+                    name: format!("{namespace}/{name}"),
+                    source,
+                });
+            }
+        }
+        Ok(())
     }
 }
 

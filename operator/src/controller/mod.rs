@@ -11,13 +11,14 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
-use outrigger_crds::GpuNodePool;
+use outrigger_crds::{CapacityBackoff, GpuNodePool, Provider};
 
 use crate::cloud::{CloudError, Clouds};
 use crate::observe::inventory::{Inventory, LostClock};
 use crate::telemetry::Metrics;
 
 pub mod apply;
+pub mod interruption;
 pub mod model_deployment;
 pub mod peer;
 pub mod pool;
@@ -44,6 +45,9 @@ pub struct Stores {
     built: Arc<std::sync::Mutex<Built>>,
     /// When each lost node was first seen lost, across reconciles.
     lost_clock: Arc<std::sync::Mutex<LostClock>>,
+    /// Capacity the clouds reclaimed (spot interruptions), as offering backoffs,
+    /// until the scalers' pool statuses carry them.
+    reclaimed: Arc<std::sync::Mutex<Vec<(Provider, CapacityBackoff)>>>,
 }
 
 impl Stores {
@@ -66,7 +70,17 @@ impl Stores {
             generation,
             built: Arc::default(),
             lost_clock: Arc::default(),
+            reclaimed: Arc::default(),
         }
+    }
+
+    /// Records reclaimed capacity as a backoff of its offering, and has the next
+    /// inventory build again with it. Records that have ended are dropped.
+    pub fn reclaim(&self, provider: Provider, record: CapacityBackoff, now: Timestamp) {
+        let mut reclaimed = self.reclaimed.lock().unwrap_or_else(|e| e.into_inner());
+        reclaimed.retain(|(_, r)| r.until.0 > now);
+        reclaimed.push((provider, record));
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The inventory: built from the stores once per change, and shared until the
@@ -83,14 +97,16 @@ impl Stores {
             return inventory.clone();
         }
         let mut clock = self.lost_clock.lock().unwrap_or_else(|e| e.into_inner());
-        let inventory = Arc::new(Inventory::new(
+        let mut inventory = Inventory::new(
             self.pools.state(),
             &self.nodes.state(),
             &self.pods.state(),
             &self.deployments.state(),
             now,
             &mut clock,
-        ));
+        );
+        inventory.reclaimed(&self.reclaimed.lock().unwrap_or_else(|e| e.into_inner()));
+        let inventory = Arc::new(inventory);
         *built = Some((generation, inventory.clone()));
         inventory
     }
@@ -107,6 +123,9 @@ pub struct Context {
     /// The clouds scalable pools grow in.
     pub clouds: Clouds,
     pub clock: Clock,
+    /// How long an offering whose capacity the cloud reclaimed (a spot
+    /// interruption) stays in backoff: `--capacity-backoff-seconds`.
+    pub reclaim_backoff: std::time::Duration,
     /// The links to peer clusters; `None` when the PeerCluster CRD is not served.
     pub peers: Option<Arc<crate::observe::peers::Peers>>,
 }

@@ -1,7 +1,8 @@
 //! Keeps each GpuNodePool's observed status current: nodes, Ready nodes, GPUs, the
 //! typed `lostSince` (every node lost since then) and `recoveredAt` (back since then,
 //! which starts the ModelDeployments' rebalance clock), and the `Ready` condition
-//! that says the same in words (`NodesLost`, `Recovered`).
+//! that says the same in words (`NodesLost`, `Recovered`). Marks the nodes an AKS
+//! scheduled event removes (`interruption::mark`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,13 @@ pub async fn reconcile(pool: Arc<GpuNodePool>, ctx: Arc<Context>) -> Result<Acti
     let Some(index) = inventory.pool_index(&name) else {
         return Ok(Action::await_change());
     };
+    // An AKS scheduled event that removes a node (node-problem-detector's
+    // VMEventScheduled condition): marked and cordoned like an AWS notice.
+    for node in inventory.nodes_in(index) {
+        if let Some(i) = node.interruption {
+            super::interruption::mark(&ctx, &pool, node, i).await?;
+        }
+    }
     let counts = inventory.counts(index);
     let previous = pool
         .status

@@ -200,6 +200,8 @@ pub struct Steps {
     /// Instances to launch, unless a backoff blocks growth.
     pub launch: Option<Launch>,
     pub backoff: Backoff,
+    /// The offering's backoff this pool takes on from elsewhere.
+    pub adopted: Option<CapacityBackoff>,
     pub cordon: Vec<String>,
     pub uncordon: Vec<String>,
     /// Empty cordoned nodes' instances, then leaks.
@@ -232,7 +234,20 @@ pub fn decide(
     let live: Vec<&Instance> = instances.iter().filter(|i| i.live()).collect();
     let have = u32::try_from(live.len()).unwrap_or(u32::MAX);
     let desired = scaling::nodes_needed(inventory, index, pool.spec.nodes.min, pool.spec.nodes.max);
-    let backoff = Backoff::of(before.backoff.as_ref(), now);
+    // The offering's backoff, when another pool's error or a spot interruption
+    // started one that ends later than this pool's own: the same offering would
+    // refuse this pool too.
+    let adopted = inventory
+        .offering_backoff(index)
+        .filter(|b| b.until.0 > now)
+        .filter(|b| {
+            before
+                .backoff
+                .as_ref()
+                .is_none_or(|own| own.until.0 < b.until.0)
+        })
+        .cloned();
+    let backoff = Backoff::of(adopted.as_ref().or(before.backoff.as_ref()), now);
     let blocked = matches!(backoff, Backoff::Blocked { .. });
     let launch = (desired > have && !blocked).then(|| {
         let add = desired - have;
@@ -312,6 +327,7 @@ pub fn decide(
         have,
         launch,
         backoff,
+        adopted,
         cordon: down.cordon,
         uncordon: down.uncordon,
         terminate,
@@ -381,6 +397,31 @@ pub fn report_launch(
                 capacity: Some(c),
                 backoff: Some(Some(record)),
                 warning: Some((e.category(), message)),
+            }
+        }
+        None if steps.adopted.is_some() => {
+            let record = steps.adopted.clone();
+            let capacity = record.as_ref().map(|b| {
+                before.make(
+                    pool,
+                    condition::CAPACITY_AVAILABLE,
+                    false,
+                    &b.reason,
+                    format!(
+                        "offering {} {} {} is in backoff until {} after {} (shared by every pool with it); the pool does not grow until then",
+                        b.offering.instance_type,
+                        b.offering.zone.as_deref().unwrap_or("(no zone)"),
+                        b.offering.capacity_type.as_str(),
+                        b.until.0,
+                        b.code
+                    ),
+                    now,
+                )
+            });
+            LaunchReport {
+                capacity,
+                backoff: Some(record),
+                warning: None,
             }
         }
         None => {

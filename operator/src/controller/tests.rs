@@ -150,6 +150,7 @@ fn context(
         ),
         clouds,
         clock: hands.clock(),
+        reclaim_backoff: std::time::Duration::from_secs(180),
         peers: None,
     })
 }
@@ -305,6 +306,7 @@ async fn a_converged_pass_writes_nothing() {
         recorder: shared.recorder.clone(),
         clouds: Clouds::default(),
         clock: hands.clock(),
+        reclaim_backoff: std::time::Duration::from_secs(180),
         peers: None,
     });
     let ctx = Arc::new(model_deployment::Ctx::new(shared));

@@ -10,9 +10,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use outrigger_crds::GpuNodePool;
+use outrigger_crds::{CapacityBackoff, GpuNodePool, Offering, Provider};
 use outrigger_placement as placement;
 
+use crate::lifecycle::Interruption;
 use crate::{inputs, labels};
 
 /// A ModelDeployment by namespace and name.
@@ -33,9 +34,17 @@ pub struct NodeFacts {
     pub provider_id: Option<String>,
     /// Cordoned by the scaler to be returned (`outrigger.dev/scale-down`).
     pub cordoned: bool,
+    /// The cloud takes it back: an interruption notice, until its deadline.
+    pub interruption: Option<Interruption>,
 }
 
 impl NodeFacts {
+    /// Doomed by an interruption notice: no capacity for planning, and its
+    /// replicas stay only until replacements are Ready or the deadline comes.
+    pub fn doomed(&self) -> bool {
+        self.interruption.is_some()
+    }
+
     /// No ModelDeployment replica runs here.
     pub fn runs_no_replica(&self) -> bool {
         self.used.iter().all(|(owner, _)| owner.is_none())
@@ -157,6 +166,30 @@ pub struct Inventory {
     children_by: BTreeMap<Key, Vec<usize>>,
     by_pool_name: BTreeMap<String, usize>,
     by_node_name: BTreeMap<String, usize>,
+    /// Per offering (`offering_key`), the capacity backoff that ends last: from
+    /// every pool's status, and from capacity reclaimed just now (`reclaimed`).
+    /// Every pool with that offering stops growing until it ends.
+    backoffs: BTreeMap<String, CapacityBackoff>,
+}
+
+/// What a backoff is shared by: provider, instance type, zone and capacity type.
+pub fn offering_key(provider: Provider, offering: &Offering) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        provider.as_str(),
+        offering.instance_type,
+        offering.zone.as_deref().unwrap_or("-"),
+        offering.capacity_type.as_str()
+    )
+}
+
+/// The offering a pool's launches ask for.
+pub fn offering_of(pool: &GpuNodePool) -> Offering {
+    Offering {
+        instance_type: pool.spec.instance_type.clone(),
+        zone: pool.spec.zone.clone(),
+        capacity_type: pool.spec.capacity_type,
+    }
 }
 
 /// What the solver needs for one ModelDeployment, and when that view changes on its own.
@@ -205,6 +238,7 @@ pub struct NodeReport {
     pub allocatable: u32,
     pub provider_id: Option<String>,
     pub cordoned: bool,
+    pub interruption: Option<Interruption>,
 }
 
 impl NodeReport {
@@ -219,6 +253,7 @@ impl NodeReport {
                 .annotations
                 .as_ref()
                 .is_some_and(|a| a.contains_key(labels::SCALE_DOWN)),
+            interruption: Interruption::of(node),
         }
     }
 }
@@ -262,6 +297,17 @@ pub fn pool_report(pool: &GpuNodePool) -> impl std::hash::Hash + '_ {
             .and_then(|s| s.capacity_backoff.as_ref())
             .map(|b| serde_json::to_string(b).unwrap_or_default()),
     )
+}
+
+/// Keeps, per offering, the backoff that ends last.
+fn later(backoffs: &mut BTreeMap<String, CapacityBackoff>, provider: Provider, b: CapacityBackoff) {
+    let key = offering_key(provider, &b.offering);
+    match backoffs.get(&key) {
+        Some(kept) if kept.until.0 >= b.until.0 => {}
+        _ => {
+            backoffs.insert(key, b);
+        }
+    }
 }
 
 /// The ModelDeployment an object of Outrigger's belongs to, from its labels.
@@ -382,6 +428,7 @@ impl Inventory {
                     used: Vec::new(),
                     provider_id: report.provider_id,
                     cordoned: report.cordoned,
+                    interruption: report.interruption,
                 }
             })
             .collect();
@@ -440,6 +487,16 @@ impl Inventory {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
+        let mut backoffs = BTreeMap::new();
+        for pool in &pools {
+            if let Some(b) = pool
+                .status
+                .as_ref()
+                .and_then(|s| s.capacity_backoff.as_ref())
+            {
+                later(&mut backoffs, pool.spec.provider, b.clone());
+            }
+        }
         Inventory {
             pools,
             nodes: facts,
@@ -449,7 +506,24 @@ impl Inventory {
             children_by,
             by_pool_name,
             by_node_name,
+            backoffs,
         }
+    }
+
+    /// Capacity the cloud reclaimed (a spot interruption), as a backoff of its
+    /// offering, before any pool's status says so.
+    pub fn reclaimed(&mut self, records: &[(Provider, CapacityBackoff)]) {
+        for (provider, record) in records {
+            later(&mut self.backoffs, *provider, record.clone());
+        }
+    }
+
+    /// The backoff of pool `pool`'s offering that ends last, whichever pool (or
+    /// interruption) it came from.
+    pub fn offering_backoff(&self, pool: usize) -> Option<&CapacityBackoff> {
+        let p = self.pools.get(pool)?;
+        self.backoffs
+            .get(&offering_key(p.spec.provider, &offering_of(p)))
     }
 
     pub fn pool_index(&self, name: &str) -> Option<usize> {
@@ -499,6 +573,30 @@ impl Inventory {
             .filter(|c| c.replicas > 0)
             .map(|c| (c.pool.clone(), c.replicas))
             .collect()
+    }
+
+    /// Replicas per pool a ModelDeployment runs on doomed nodes whose deadline has
+    /// not come (they serve until their replacements are Ready), and the first
+    /// notice among those nodes.
+    pub fn doomed(&self, owner: &Key, now: Timestamp) -> BTreeMap<String, (u32, Timestamp)> {
+        let mut doomed: BTreeMap<String, (u32, Timestamp)> = BTreeMap::new();
+        for n in &self.nodes {
+            let (Some(pool), Some(i)) = (n.pool, n.interruption) else {
+                continue;
+            };
+            let here = n
+                .used
+                .iter()
+                .filter(|(o, _)| o.as_ref() == Some(owner))
+                .count();
+            if i.deadline > now && here > 0 {
+                let name = self.pools[pool].metadata.name.clone().unwrap_or_default();
+                let entry = doomed.entry(name).or_insert((0, i.noticed));
+                entry.0 += u32::try_from(here).unwrap_or(u32::MAX);
+                entry.1 = entry.1.min(i.noticed);
+            }
+        }
+        doomed
     }
 
     /// Ready replicas per pool of a ModelDeployment's children.
@@ -612,6 +710,17 @@ impl Inventory {
                 let others: u32 = others.iter().map(|(_, g)| g).sum();
                 let free = n.allocatable.saturating_sub(others);
                 let node = match n.lost_since() {
+                    // Going: its replicas are replaced elsewhere (they stay until
+                    // then, see `doomed`).
+                    _ if n.doomed() => {
+                        if let Some(i) = n.interruption {
+                            soonest(i.deadline);
+                        }
+                        placement::Node {
+                            ready: false,
+                            free_gpus: 0,
+                        }
+                    }
                     None if !matches!(state, Health::Recovering { .. }) => placement::Node {
                         ready: true,
                         free_gpus: free,
@@ -634,10 +743,16 @@ impl Inventory {
                 };
                 nodes.push(node);
             }
-            let growth_blocked =
-                inputs::growth_blocked(status, now) || matches!(state, Health::Recovering { .. });
+            let shared = self.offering_backoff(i).filter(|b| b.until.0 > now);
+            let growth_blocked = inputs::growth_blocked(status, now)
+                || shared.is_some()
+                || matches!(state, Health::Recovering { .. });
             // A backoff's end makes room: plan again then.
-            if let Some(backoff) = status.and_then(|s| s.capacity_backoff.as_ref()) {
+            for backoff in status
+                .and_then(|s| s.capacity_backoff.as_ref())
+                .into_iter()
+                .chain(shared)
+            {
                 soonest(backoff.until.0);
             }
             let mut solver_pool = inputs::pool(

@@ -51,11 +51,14 @@ pub fn pod(pod: &mut Pod) {
     });
 }
 
-/// A node: labels (pool), the scaler's cordon annotation, creation time and
-/// conditions (readiness), taints (unreachable), providerID (its instance) and
-/// allocatable GPUs.
+/// A node: labels (pool), the scaler's cordon and the interruption annotations,
+/// creation time and conditions (readiness, an AKS scheduled event), taints
+/// (unreachable), providerID (its instance) and allocatable GPUs.
 pub fn node(node: &mut Node) {
-    meta(&mut node.metadata, &[labels::SCALE_DOWN]);
+    meta(
+        &mut node.metadata,
+        &[labels::SCALE_DOWN, labels::INTERRUPTION],
+    );
     node.spec = node.spec.take().map(|s| NodeSpec {
         provider_id: s.provider_id,
         taints: s.taints,
@@ -63,9 +66,11 @@ pub fn node(node: &mut Node) {
         ..NodeSpec::default()
     });
     node.status = node.status.take().map(|s| NodeStatus {
-        conditions: s
-            .conditions
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        conditions: s.conditions.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready" || c.type_ == crate::lifecycle::VM_EVENT_SCHEDULED)
+                .collect()
+        }),
         allocatable: s
             .allocatable
             .map(|a| a.into_iter().filter(|(k, _)| k == labels::GPU).collect()),

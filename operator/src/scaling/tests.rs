@@ -33,6 +33,7 @@ fn node(name: &str, allocatable: u32, used: Vec<(Option<(&str, &str)>, u32)>) ->
             .collect(),
         provider_id: None,
         cordoned: false,
+        interruption: None,
     }
 }
 

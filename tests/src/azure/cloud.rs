@@ -104,6 +104,27 @@ impl AzureCloud {
         self.scale_sets.remove(key).is_some()
     }
 
+    /// The scale set and instance id of the VM whose computer name (its Node's
+    /// name) is `name`.
+    pub fn vm_named(&self, name: &str) -> Option<(ScaleSetKey, u32)> {
+        self.scale_sets.iter().find_map(|(key, set)| {
+            set.vms
+                .keys()
+                .find(|id| set.computer_name(**id) == name)
+                .map(|id| (key.clone(), *id))
+        })
+    }
+
+    /// Deletes one VM at once, as Azure does to an evicted spot VM whose eviction
+    /// policy is Delete: the scale set's capacity drops by one.
+    pub fn evict(&mut self, (key, id): &(ScaleSetKey, u32)) {
+        if let Some(set) = self.scale_sets.get_mut(key)
+            && set.vms.remove(id).is_some()
+        {
+            set.capacity = set.capacity.saturating_sub(1);
+        }
+    }
+
     pub fn scale_set(&self, key: &ScaleSetKey) -> Option<&ScaleSet> {
         self.scale_sets.get(key)
     }

@@ -178,6 +178,26 @@ enum FaultAction {
     Down { cluster: String },
     /// Start a stopped cluster again.
     Up { cluster: String },
+    /// Interrupt a machine: on aws a spot warning, rebalance recommendation or
+    /// scheduled change goes to the interruption queue (the instance is terminated
+    /// at the deadline, but for rebalance); on azure a Preempt scheduled event is
+    /// set on the Node and its VM deleted at the deadline.
+    Interrupt {
+        #[arg(value_parser = parse_provider)]
+        provider: Provider,
+        /// spot, rebalance, scheduled (aws) or preempt (azure).
+        #[arg(long, value_parser = ["spot", "rebalance", "scheduled", "preempt"])]
+        kind: String,
+        /// The EC2 instance id (aws).
+        #[arg(long)]
+        instance_id: Option<String>,
+        /// The Node (either provider).
+        #[arg(long)]
+        node: Option<String>,
+        /// Seconds from the notice to the machine's end.
+        #[arg(long, default_value_t = 120)]
+        notice_seconds: u64,
+    },
     /// Set a capacity limit: LIMIT instances at most, or `unlimited`.
     Capacity {
         #[arg(value_parser = parse_provider)]
@@ -427,6 +447,16 @@ async fn fault(args: FaultArgs) -> Result<(), String> {
             .json(&json!({"a": a, "b": b})),
         FaultAction::Down { cluster } => http.post(format!("{base}/clusters/{cluster}/down")),
         FaultAction::Up { cluster } => http.post(format!("{base}/clusters/{cluster}/up")),
+        FaultAction::Interrupt {
+            provider,
+            kind,
+            instance_id,
+            node,
+            notice_seconds,
+        } => http.post(format!("{base}/interrupt")).json(&json!({
+            "provider": provider, "kind": kind, "instanceId": instance_id,
+            "node": node, "noticeSeconds": notice_seconds,
+        })),
         FaultAction::Capacity {
             provider,
             instance_type,

@@ -159,6 +159,34 @@ impl MotoClient {
         Ok(all)
     }
 
+    /// The region and instance of `id`, looked for in `regions`.
+    pub async fn find_instance(
+        &self,
+        regions: &[String],
+        id: &str,
+    ) -> Result<Option<(String, Instance)>, MotoError> {
+        for region in regions {
+            let found = self.instances(region, &[("instance-id", &[id])]).await?;
+            if let Some(i) = found.into_iter().find(|i| i.id == id) {
+                return Ok(Some((region.clone(), i)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Terminates one instance (what the cloud does at an interruption's deadline).
+    pub async fn terminate(&self, region: &str, id: &str) -> Result<(), MotoError> {
+        let request = Ec2Request::new(
+            region,
+            &[
+                ("Action", "TerminateInstances"),
+                ("Version", API_VERSION),
+                ("InstanceId.1", id),
+            ],
+        );
+        self.call(&request).await.map(|_| ())
+    }
+
     /// How many instances of `instance_type` run or start in `region` (in `zone`, when given).
     pub async fn count_up(
         &self,

@@ -124,7 +124,6 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         failing_over,
         now,
     } = *facts;
-    let targets = targets(plan, current, ready, &view.health);
     // A plan's pool name, as this cluster's own pool, if it is one.
     let local = |name: &'_ str| -> Option<String> {
         match cluster {
@@ -139,6 +138,16 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         None => pool.to_string(),
         Some(c) => qualified(c, pool),
     };
+    let doomed_since: BTreeMap<String, (u32, Timestamp)> = inventory
+        .doomed(key, now)
+        .into_iter()
+        .map(|(pool, d)| (in_plan(&pool), d))
+        .collect();
+    let doomed: BTreeMap<String, u32> = doomed_since
+        .iter()
+        .map(|(pool, (n, _))| (pool.clone(), *n))
+        .collect();
+    let targets = targets(plan, current, ready, &view.health, &doomed);
 
     let mut grow = Vec::new();
     let mut then = Vec::new();
@@ -212,6 +221,23 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         now,
     );
     let status = (!same_status(md.status.as_ref(), &desired)).then_some(desired);
+    let mut notes = notes;
+    for (pool, (n, noticed)) in &doomed_since {
+        let now_there = current.get(pool).copied().unwrap_or(0);
+        let after = targets.get(pool).copied().unwrap_or(0);
+        if after < now_there {
+            notes.push(Note {
+                warning: false,
+                reason: "Replaced",
+                message: format!(
+                    "replacements Ready {:.1} s after the interruption notice: {} of the {n} replica(s) on interrupted nodes of pool {pool} go ({})",
+                    now.duration_since(*noticed).as_secs_f64(),
+                    now_there - after,
+                    describe(&targets)
+                ),
+            });
+        }
+    }
 
     let deployment = format!("{}/{}", key.0, key.1);
     let replicas = current
@@ -264,20 +290,31 @@ fn same_status(current: Option<&ModelDeploymentStatus>, desired: &ModelDeploymen
 /// from an outage, until `rebalanceAfterSeconds`, counts no Ready replicas for
 /// this: what it reports may predate the outage (a peer's cluster back shows the
 /// children it had). A lost pool gives its replicas up at once.
+///
+/// Replicas on doomed nodes (`doomed`, per pool: an interruption notice came, the
+/// deadline has not) count as Ready nowhere, and each stays, on top of the plan,
+/// while the deployment is short of other Ready replicas: the replacement comes
+/// first, wherever the plan puts it, even in the same pool.
 pub fn targets(
     plan: &placement::Plan,
     current: &BTreeMap<String, u32>,
     ready: &BTreeMap<String, u32>,
     health: &BTreeMap<String, Health>,
+    doomed: &BTreeMap<String, u32>,
 ) -> BTreeMap<String, u32> {
     let mut targets: BTreeMap<String, u32> = plan
         .placements
         .iter()
         .map(|p| (p.pool.clone(), p.replicas))
         .collect();
+    let doomed_in = |pool: &str| doomed.get(pool).copied().unwrap_or(0);
     let ready_in = |pool: &str| match health.get(pool) {
         Some(Health::Recovering { .. }) => 0,
-        _ => ready.get(pool).copied().unwrap_or(0),
+        _ => ready
+            .get(pool)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(doomed_in(pool)),
     };
     let mut short: u32 = targets
         .iter()
@@ -296,6 +333,14 @@ pub fn targets(
                 targets.insert(pool.clone(), planned + keep);
             }
         }
+    }
+    for (pool, &n) in doomed {
+        if short == 0 {
+            break;
+        }
+        let keep = n.min(short);
+        short -= keep;
+        *targets.entry(pool.clone()).or_default() += keep;
     }
     targets
 }
