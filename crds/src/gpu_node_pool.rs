@@ -39,6 +39,12 @@ use crate::provider::{CapacityType, Provider};
     printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyNodes"),
     printcolumn(
+        name = "Backoff-Until",
+        type_ = "string",
+        json_path = ".status.capacityBackoff.until",
+        description = "The pool's offering does not grow before this time"
+    ),
+    printcolumn(
         name = "Capacity",
         type_ = "string",
         json_path = ".spec.capacityType",
@@ -135,6 +141,50 @@ pub struct GpuNodePoolSpec {
     /// that already exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scaling: Option<Scaling>,
+
+    /// How Outrigger replaces a broken node of a pool with `scaling`. Default: a
+    /// node NotReady for 300 s is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repair: Option<NodeRepair>,
+
+    /// Seconds a launched instance may take to become a Ready Node. One that has
+    /// not by then is terminated and counts as a failed launch of the pool's
+    /// offering (a capacity backoff). Default: `--instance-boot-grace-seconds`
+    /// (600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    #[x_kube(validation = Rule::new("self >= 10 && self <= 86400").message("registrationTimeoutSeconds must be 10 to 86400 (a day)"))]
+    pub registration_timeout_seconds: Option<u32>,
+}
+
+/// When a broken node is replaced.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeRepair {
+    /// Seconds a node must have been NotReady before its instance is terminated and
+    /// replaced; 0 turns repair off. Default 300. Nothing is repaired while more
+    /// than one node, and more than 20% of the pool's nodes, are unhealthy, or
+    /// while a pool of the same provider and region has lost all its nodes: that is
+    /// an outage, and replacing nodes would only add churn.
+    #[serde(default = "default_not_ready_after")]
+    #[schemars(range(min = 0, max = 86400))]
+    #[x_kube(validation = Rule::new("self <= 86400").message("repair.notReadyAfterSeconds must be 0 (off) to 86400 (a day)"))]
+    pub not_ready_after_seconds: u32,
+}
+
+/// How long a node may be NotReady before it is repaired, by default.
+pub const DEFAULT_NOT_READY_AFTER_SECONDS: u32 = 300;
+
+fn default_not_ready_after() -> u32 {
+    DEFAULT_NOT_READY_AFTER_SECONDS
+}
+
+impl Default for NodeRepair {
+    fn default() -> Self {
+        NodeRepair {
+            not_ready_after_seconds: DEFAULT_NOT_READY_AFTER_SECONDS,
+        }
+    }
 }
 
 /// The GPUs on each node of a pool.
@@ -272,7 +322,9 @@ pub struct CapacityBackoff {
     pub until: Time,
     /// Length of this backoff in seconds (it doubles while errors repeat).
     pub seconds: u32,
-    /// The kind of error: `InsufficientCapacity` or `QuotaExceeded`.
+    /// The kind of error: `InsufficientCapacity`, `QuotaExceeded`, `Interrupted`
+    /// (the cloud reclaimed a spot instance) or `RegistrationTimeout` (an instance
+    /// never became a Ready Node).
     pub reason: String,
     /// The cloud's own error code, e.g. `InsufficientInstanceCapacity`.
     pub code: String,

@@ -22,7 +22,7 @@ mod schema;
 
 pub use gpu_node_pool::{
     AwsScaling, AzureScaling, CapacityBackoff, GpuCounts, GpuNodePool, GpuNodePoolSpec,
-    GpuNodePoolStatus, LaunchTemplateRef, NodeRange, Offering, PoolGpu, Scaling,
+    GpuNodePoolStatus, LaunchTemplateRef, NodeRange, NodeRepair, Offering, PoolGpu, Scaling,
 };
 pub use model_deployment::{
     FailoverSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, PlacementSpec,
@@ -60,6 +60,9 @@ pub mod condition {
     pub const CAPACITY_AVAILABLE: &str = "CapacityAvailable";
     /// GpuNodePool: the cloud API answers.
     pub const CLOUD_REACHABLE: &str = "CloudReachable";
+    /// GpuNodePool: broken nodes may be replaced now (False during an outage, or
+    /// with repair off).
+    pub const NODE_REPAIR: &str = "NodeRepair";
     /// PeerCluster: the peer's API answers and its operator holds its leader Lease.
     pub const REACHABLE: &str = "Reachable";
     /// PeerCluster: the peer has a PeerCluster for this cluster too.

@@ -104,12 +104,22 @@ fn valid_pools_pass() {
         "/spec/nodeSelector",
         Some(json!({"gpu": "h100"})),
     );
+    let lifecycle = with(
+        with(
+            aws_pool(),
+            "/spec/repair",
+            Some(json!({"notReadyAfterSeconds": 0})),
+        ),
+        "/spec/registrationTimeoutSeconds",
+        Some(json!(600)),
+    );
     for pool in [
         aws_pool(),
         azure_pool(),
         without_scaling,
         without_zone,
         own_selector,
+        lifecycle,
     ] {
         assert_eq!(broken_rules(&schema, &pool), Vec::<String>::new(), "{pool}");
     }
@@ -168,6 +178,22 @@ fn pool_rules_refuse_mistakes() {
         (
             with(aws_pool(), "/spec/nodeSelector", Some(json!({}))),
             "nodeSelector must name at least one label",
+        ),
+        (
+            with(
+                aws_pool(),
+                "/spec/registrationTimeoutSeconds",
+                Some(json!(5)),
+            ),
+            "registrationTimeoutSeconds must be 10 to 86400",
+        ),
+        (
+            with(
+                aws_pool(),
+                "/spec/repair",
+                Some(json!({"notReadyAfterSeconds": 100000})),
+            ),
+            "repair.notReadyAfterSeconds must be 0 (off) to 86400",
         ),
     ];
     for (pool, message) in &cases {
@@ -342,5 +368,5 @@ fn rules_compile_and_fit_the_cost_budget() {
     walk(&pool_schema(), "", &mut rules);
     walk(&deployment_schema(), "", &mut rules);
     walk(&peer_schema(), "", &mut rules);
-    assert_eq!(rules, 16, "a rule was added or lost; update the CEL tests");
+    assert_eq!(rules, 18, "a rule was added or lost; update the CEL tests");
 }

@@ -94,9 +94,10 @@ pub struct CloudArgs {
     /// Seconds a node must stay empty before it is returned to the cloud.
     #[arg(long, default_value_t = 300)]
     scale_down_after_seconds: u64,
-    /// Seconds an instance may take to become a Node before it counts as leaked
-    /// and is terminated.
-    #[arg(long, default_value_t = 900)]
+    /// Seconds a launched instance may take to become a Ready Node before it is
+    /// terminated as a failed launch of its offering (a capacity backoff): the
+    /// default of each pool's spec.registrationTimeoutSeconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..))]
     instance_boot_grace_seconds: u64,
     /// Seconds a pool stops growing after a capacity or quota error; doubles while
     /// the errors repeat, up to ten times this.

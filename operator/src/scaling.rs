@@ -1,6 +1,7 @@
 //! The scaler's decisions, pure: how many nodes the current plans need in a pool,
-//! which nodes to cordon and return, which instances are leaks, and the capacity
-//! backoff that the pool's typed `status.capacityBackoff` carries across restarts.
+//! which nodes to cordon and return, which instances failed to register, which
+//! broken nodes to repair, and the capacity backoff that the pool's typed
+//! `status.capacityBackoff` carries across restarts.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use outrigger_crds::{CapacityBackoff, GpuNodePool, Offering};
 
 use crate::cloud::{CloudError, Instance};
-use crate::observe::inventory::{Inventory, Readiness};
+use crate::observe::inventory::{Inventory, NodeFacts, Readiness};
 
 /// The default first backoff after a capacity or quota error (`--capacity-backoff-seconds`):
 /// long enough that a few reconciles do not hammer an offering that just said no,
@@ -19,6 +20,33 @@ use crate::observe::inventory::{Inventory, Readiness};
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(180);
 /// Backoffs double while the errors repeat, up to ten times the first (30 min by default).
 const BACKOFF_GROWTH: u64 = 10;
+/// An Azure allocation failure in a zone lasts longer than a passing shortage: the
+/// first backoff is five times the base (15 min by default).
+const ZONAL_FACTOR: u32 = 5;
+/// A quota whose limit is 0 changes only when someone raises it: twenty times the
+/// base (1 h by default).
+const ZERO_QUOTA_FACTOR: u32 = 20;
+
+/// The first backoff after `error`, given `--capacity-backoff-seconds`: the base for
+/// a capacity shortage (`InsufficientInstanceCapacity`), a quota reached or a
+/// failed registration; longer for a zonal allocation failure and a quota of 0.
+pub fn first_backoff(error: &CloudError, base: Duration) -> Duration {
+    let zonal = matches!(
+        error.code.as_str(),
+        "ZonalAllocationFailed" | "AllocationFailed" | "OverconstrainedZonalAllocationRequest"
+    );
+    // How EC2 (`... your current vCPU limit of 0 allows ...`) and Azure
+    // (`Current Limit: 0`) word a quota of 0.
+    let zero_quota = error.kind == crate::cloud::ErrorKind::QuotaExceeded
+        && (error.message.contains("limit of 0 ") || error.message.contains("Current Limit: 0,"));
+    if zero_quota {
+        base * ZERO_QUOTA_FACTOR
+    } else if zonal {
+        base * ZONAL_FACTOR
+    } else {
+        base
+    }
+}
 
 /// Condition reasons of `CapacityAvailable`.
 pub const REASON_AVAILABLE: &str = "CapacityAvailable";
@@ -133,6 +161,75 @@ pub fn nodes_needed(inventory: &Inventory, pool: usize, min: u32, max: u32) -> u
     }
     let used = u32::try_from(bins.iter().filter(|(_, used)| *used).count()).unwrap_or(u32::MAX);
     used.clamp(min, max.max(min))
+}
+
+/// Whether broken nodes may be replaced now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairState {
+    /// `repair.notReadyAfterSeconds: 0`.
+    Off,
+    /// Nodes NotReady this long are replaced.
+    Allowed { after: u32 },
+    /// A pool of the same provider and region has lost every node.
+    Outage { region: String },
+    /// More unhealthy nodes than one, and than 20% of the pool.
+    TooManyUnhealthy { unhealthy: usize, nodes: usize },
+}
+
+/// Decides whether broken nodes may be repaired and which: nodes NotReady (not
+/// doomed by an interruption, their instance live) for `repair.notReadyAfterSeconds`,
+/// unless that would be churn in an outage.
+pub fn repairs(
+    pool: &GpuNodePool,
+    inventory: &Inventory,
+    nodes: &[&NodeFacts],
+    node_instances: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> (RepairState, Vec<(String, String)>, Vec<Timestamp>) {
+    let after = pool.spec.repair.unwrap_or_default().not_ready_after_seconds;
+    if after == 0 {
+        return (RepairState::Off, Vec::new(), Vec::new());
+    }
+    let started = nodes
+        .iter()
+        .filter(|n| n.readiness != Readiness::Booting)
+        .count();
+    let unhealthy: Vec<&&NodeFacts> = nodes
+        .iter()
+        .filter(|n| n.lost_since().is_some() && !n.doomed())
+        .collect();
+    let lost_pool = inventory.pools.iter().enumerate().any(|(j, p)| {
+        p.spec.provider == pool.spec.provider
+            && p.spec.region == pool.spec.region
+            && inventory.pool_lost_since(j).is_some()
+    });
+    if lost_pool {
+        let region = format!("{} {}", pool.spec.provider, pool.spec.region);
+        return (RepairState::Outage { region }, Vec::new(), Vec::new());
+    }
+    if unhealthy.len() > (started / 5).max(1) {
+        let state = RepairState::TooManyUnhealthy {
+            unhealthy: unhealthy.len(),
+            nodes: started,
+        };
+        return (state, Vec::new(), Vec::new());
+    }
+    let wait = SignedDuration::from_secs(i64::from(after));
+    let mut due = Vec::new();
+    let mut chosen = Vec::new();
+    for n in unhealthy {
+        let Some(since) = n.lost_since() else {
+            continue;
+        };
+        match node_instances.get(&n.name) {
+            Some(instance) if since + wait <= now => {
+                chosen.push((n.name.clone(), instance.clone()));
+            }
+            Some(_) => due.push(since + wait),
+            None => {}
+        }
+    }
+    (RepairState::Allowed { after }, chosen, due)
 }
 
 /// The idempotency token of a launch: the same pool, the same instances and the

@@ -92,6 +92,12 @@ pub struct InterruptionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub provider: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer: String,
 }
@@ -110,6 +116,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub cloud_requests: Family<CloudLabels, Counter>,
     interruptions: Family<InterruptionLabels, Counter>,
+    repairs: Family<RepairLabels, Counter>,
     pub cloud_request_duration: Family<CloudOperationLabels, Histogram>,
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub peer_last_seen_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -184,6 +191,12 @@ impl Metrics {
             "Interruption notices and queue messages, by provider, kind (spot, scheduled, state-change, preempt, rebalance, or unparsable) and what Outrigger did (cordoned, event, not-ours, ignored, deleted)",
             interruptions.clone(),
         );
+        let repairs = Family::<RepairLabels, Counter>::default();
+        registry.register(
+            "repairs",
+            "Broken nodes whose instance the scaler terminated to replace it, by provider and reason",
+            repairs.clone(),
+        );
         let peer_reachable = Family::<PeerLabels, Gauge>::default();
         let peer_last_seen_seconds =
             Family::<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
@@ -206,6 +219,7 @@ impl Metrics {
             registry,
             cloud_requests,
             interruptions,
+            repairs,
             cloud_request_duration,
             reconcile_duration,
             reconcile_phase,
@@ -326,6 +340,15 @@ impl Metrics {
                 provider: provider.to_string(),
                 kind: kind.to_string(),
                 action: action.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn repaired(&self, provider: &str, reason: &str) {
+        self.repairs
+            .get_or_create(&RepairLabels {
+                provider: provider.to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -125,6 +125,14 @@ const USED: &[Use] = &[
     },
     Use {
         scope: Scope::Cluster,
+        group: "",
+        resource: "pods",
+        verbs: &["delete"],
+        file: "controller/apply.rs",
+        code: "pods.delete(name, &DeleteParams::default().grace_period(0))",
+    },
+    Use {
+        scope: Scope::Cluster,
         group: "apps",
         resource: "deployments",
         verbs: &["list", "watch"],

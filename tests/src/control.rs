@@ -19,9 +19,10 @@
 //! | `POST /links/heal` | `{"a": "aws", "b": "azure"}` (either or both optional): open the links again |
 //! | `POST /clusters/{name}/down` | stop a whole cluster's control plane, keeping its data (`hack/peers fault down`) |
 //! | `POST /clusters/{name}/up` | start it again with the same data |
+//! | `GET /launches` | the last 1000 EC2 `RunInstances` requests: `at`, `pool` (its tag), `instanceType`, `zone`, `refused` (a fault's code) |
 //! | `POST /interrupt` | `{"provider", "instanceId" or "node", "kind": "spot", "rebalance", "scheduled" or "preempt", "noticeSeconds"}` (see [`crate::interrupt`]) |
-//! | `GET /aws/interruption-queue` | `{"queueUrl", "messages"}`: the SQS queue in moto that AWS interruptions go to (made if needed), and how many messages it holds |
-//! | `POST /aws/interruption-queue` | any body: sent to the queue as it is (bad messages, for tests) |
+//! | `GET /aws/interruption-queue[?name=]` | `{"queueUrl", "messages"}`: an SQS queue in moto that AWS interruptions go to (made if needed; default `outrigger-interruptions`), and how many messages it holds |
+//! | `POST /aws/interruption-queue` | any body: sent as it is to every such queue (bad messages, for tests) |
 //! | `POST /reset` | forget everything: moto's resources, scale sets, faults, outages, limits; heal every link |
 
 use std::collections::HashMap;
@@ -73,6 +74,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/links/partition", post(partition))
         .route("/links/heal", post(heal))
         .route("/clusters/{name}/{action}", post(cluster_action))
+        .route("/launches", get(launches))
         .route("/interrupt", post(interrupt))
         .route(
             "/aws/interruption-queue",
@@ -388,10 +390,21 @@ async fn interrupt(
         .map_err(bad_request)
 }
 
-async fn queue_url(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ControlError> {
+#[derive(Deserialize)]
+struct QueueName {
+    name: Option<String>,
+}
+
+async fn queue_url(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<QueueName>,
+) -> Result<Json<Value>, ControlError> {
     let gateway = |e| ControlError(StatusCode::BAD_GATEWAY, e);
-    let url = shared.queue.url().await.map_err(gateway)?;
-    let messages = shared.queue.depth().await.map_err(gateway)?;
+    let name = query
+        .name
+        .unwrap_or_else(|| crate::interrupt::QUEUE_NAME.to_string());
+    let url = shared.queue.url(&name).await.map_err(gateway)?;
+    let messages = shared.queue.depth(&name).await.map_err(gateway)?;
     Ok(Json(json!({ "queueUrl": url, "messages": messages })))
 }
 
@@ -405,4 +418,8 @@ async fn send_to_queue(
         .await
         .map_err(|e| ControlError(StatusCode::BAD_GATEWAY, e))?;
     Ok(StatusCode::CREATED)
+}
+
+async fn launches(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!(shared.launch_log()))
 }

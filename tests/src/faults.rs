@@ -75,6 +75,15 @@ pub enum Fault {
     OperationStalled { scale_set: Option<String> },
     /// Every request to `provider` is answered `millis` later.
     Latency { provider: Provider, millis: u64 },
+    /// The registrar never makes a Node of the matching machines (`zone`: the AWS
+    /// zone, or the Azure zone "1".."3"): a launch that never joins the cluster.
+    NeverRegisters {
+        provider: Provider,
+        instance_type: Option<String>,
+        zone: Option<String>,
+    },
+    /// The registrar holds this one Node NotReady, as a broken machine would be.
+    NodeNotReady { provider: Provider, node: String },
 }
 
 fn default_retry_after() -> u64 {
@@ -99,7 +108,9 @@ impl Fault {
             | Fault::TooManyRequests { .. }
             | Fault::OperationFailed { .. }
             | Fault::OperationStalled { .. } => Provider::Azure,
-            Fault::Latency { provider, .. } => *provider,
+            Fault::Latency { provider, .. }
+            | Fault::NeverRegisters { provider, .. }
+            | Fault::NodeNotReady { provider, .. } => *provider,
         }
     }
 }
@@ -140,19 +151,33 @@ pub struct Outage {
     pub region: Option<String>,
     #[serde(default)]
     pub api: bool,
+    /// One Node only (a `NodeNotReady` fault): neither its region nor the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl Outage {
-    /// True when this outage covers `region` of `provider`.
+    /// True when this outage covers `region` of `provider` (a one-node outage
+    /// covers no region).
     pub fn covers(&self, provider: Provider, region: &str) -> bool {
-        self.provider == provider && matches(&self.region, region)
+        self.node.is_none() && self.provider == provider && matches(&self.region, region)
     }
 
-    /// How the outage is named on the Nodes it affects: `aws` or `aws/us-east-1`.
+    /// True when this outage covers the Node `node` of `provider` in `region`.
+    pub fn covers_node(&self, provider: Provider, region: &str, node: &str) -> bool {
+        match &self.node {
+            Some(n) => self.provider == provider && n == node,
+            None => self.covers(provider, region),
+        }
+    }
+
+    /// How the outage is named on the Nodes it affects: `aws`, `aws/us-east-1` or
+    /// `aws/node/NAME`.
     pub fn label(&self) -> String {
-        match &self.region {
-            Some(region) => format!("{}/{region}", self.provider),
-            None => self.provider.to_string(),
+        match (&self.node, &self.region) {
+            (Some(node), _) => format!("{}/node/{node}", self.provider),
+            (None, Some(region)) => format!("{}/{region}", self.provider),
+            (None, None) => self.provider.to_string(),
         }
     }
 }
@@ -434,6 +459,7 @@ mod tests {
             provider: Provider::Azure,
             region: Some("eastus".into()),
             api: false,
+            node: None,
         });
         assert!(book.outage(Provider::Azure, "eastus").is_some());
         assert!(book.outage(Provider::Azure, "westus2").is_none());
@@ -442,11 +468,26 @@ mod tests {
             provider: Provider::Aws,
             region: None,
             api: true,
+            node: None,
         });
         assert!(book.api_down(Provider::Aws, "us-west-2"));
         assert_eq!(book.end_outages(Some(Provider::Aws), None), 1);
         assert_eq!(book.end_outages(None, None), 1);
         assert!(book.outages().is_empty());
+    }
+
+    #[test]
+    fn a_one_node_outage_covers_that_node_only() {
+        let one = Outage {
+            provider: Provider::Aws,
+            region: None,
+            api: false,
+            node: Some("i-1".into()),
+        };
+        assert!(one.covers_node(Provider::Aws, "us-east-1", "i-1"));
+        assert!(!one.covers_node(Provider::Aws, "us-east-1", "i-2"));
+        assert!(!one.covers(Provider::Aws, "us-east-1"), "not its region");
+        assert_eq!(one.label(), "aws/node/i-1");
     }
 
     #[test]

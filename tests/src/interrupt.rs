@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::simulator::Shared;
 
-/// The queue the simulator sends interruption events to.
+/// The queue the simulator sends interruption events to, unless others were made.
 pub const QUEUE_NAME: &str = "outrigger-interruptions";
 /// The longest notice the control API takes: every deadline task ends by itself.
 pub const MAX_NOTICE_SECONDS: u64 = 600;
@@ -52,10 +52,20 @@ pub struct Request {
     pub notice_seconds: u64,
 }
 
-/// The SQS client on moto, and the queue's URL once made.
+/// The SQS client on moto, and the queues made, by name. Every message goes to
+/// each of them, as an EventBridge rule with several targets would send it: a test
+/// reads a queue of its own, so a message that an operator stopped mid-receive
+/// took in flight (for the visibility timeout) never delays the next test's.
 pub(crate) struct Queue {
     client: aws_sdk_sqs::Client,
-    url: tokio::sync::Mutex<Option<String>>,
+    urls: tokio::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+fn sqs_error(what: &str, e: impl std::error::Error) -> String {
+    format!(
+        "failed to {what}: {}",
+        aws_sdk_sqs::error::DisplayErrorContext(e)
+    )
 }
 
 impl Queue {
@@ -74,15 +84,15 @@ impl Queue {
             .build();
         Queue {
             client: aws_sdk_sqs::Client::from_conf(config),
-            url: tokio::sync::Mutex::new(None),
+            urls: tokio::sync::Mutex::default(),
         }
     }
 
-    /// The queue's URL, creating it when moto does not have it (at start, or
-    /// after a reset).
-    pub(crate) async fn url(&self) -> Result<String, String> {
-        let mut url = self.url.lock().await;
-        if let Some(u) = url.as_ref() {
+    /// The URL of queue `name`, creating it when moto does not have it (the first
+    /// time, or after a reset).
+    pub(crate) async fn url(&self, name: &str) -> Result<String, String> {
+        let mut urls = self.urls.lock().await;
+        if let Some(u) = urls.get(name) {
             let there = self
                 .client
                 .get_queue_attributes()
@@ -97,24 +107,19 @@ impl Queue {
         let made = self
             .client
             .create_queue()
-            .queue_name(QUEUE_NAME)
+            .queue_name(name)
             .send()
             .await
-            .map_err(|e| {
-                format!(
-                    "failed to create the interruption queue in moto: {}",
-                    aws_sdk_sqs::error::DisplayErrorContext(&e)
-                )
-            })?;
+            .map_err(|e| sqs_error("create the interruption queue in moto", e))?;
         let made = made.queue_url.unwrap_or_default();
-        *url = Some(made.clone());
+        urls.insert(name.to_string(), made.clone());
         Ok(made)
     }
 
-    /// Messages in the queue, visible or received and not yet deleted.
-    pub(crate) async fn depth(&self) -> Result<u64, String> {
+    /// Messages in queue `name`, visible or received and not yet deleted.
+    pub(crate) async fn depth(&self, name: &str) -> Result<u64, String> {
         use aws_sdk_sqs::types::QueueAttributeName as A;
-        let url = self.url().await?;
+        let url = self.url(name).await?;
         let out = self
             .client
             .get_queue_attributes()
@@ -123,12 +128,7 @@ impl Queue {
             .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
             .send()
             .await
-            .map_err(|e| {
-                format!(
-                    "failed to read the interruption queue: {}",
-                    aws_sdk_sqs::error::DisplayErrorContext(&e)
-                )
-            })?;
+            .map_err(|e| sqs_error("read the interruption queue", e))?;
         let attributes = out.attributes.unwrap_or_default();
         Ok([
             A::ApproximateNumberOfMessages,
@@ -139,21 +139,23 @@ impl Queue {
         .sum())
     }
 
+    /// Sends `body` to every queue made (the default one when none is).
     pub(crate) async fn send(&self, body: String) -> Result<(), String> {
-        let url = self.url().await?;
-        self.client
-            .send_message()
-            .queue_url(url)
-            .message_body(body)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                format!(
-                    "failed to send to the interruption queue: {}",
-                    aws_sdk_sqs::error::DisplayErrorContext(&e)
-                )
-            })
+        let mut names: Vec<String> = self.urls.lock().await.keys().cloned().collect();
+        if names.is_empty() {
+            names.push(QUEUE_NAME.to_string());
+        }
+        for name in names {
+            let url = self.url(&name).await?;
+            self.client
+                .send_message()
+                .queue_url(url)
+                .message_body(body.clone())
+                .send()
+                .await
+                .map_err(|e| sqs_error("send to the interruption queue", e))?;
+        }
+        Ok(())
     }
 }
 

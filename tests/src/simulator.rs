@@ -77,6 +77,22 @@ pub enum StartError {
     Link(#[from] LinkError),
 }
 
+/// How many `RunInstances` requests the launch log keeps.
+const MAX_LAUNCH_LOG: usize = 1000;
+
+/// One EC2 `RunInstances` request as the proxy saw it.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LaunchLog {
+    pub at: jiff::Timestamp,
+    /// The request's `outrigger.dev/pool` tag.
+    pub pool: Option<String>,
+    pub instance_type: String,
+    pub zone: String,
+    /// The error code of an injected fault that refused it.
+    pub refused: Option<String>,
+}
+
 /// The state the endpoints and the registrar share.
 pub(crate) struct Shared {
     book: Mutex<FaultBook>,
@@ -90,6 +106,8 @@ pub(crate) struct Shared {
     pub(crate) azure_base: String,
     pub(crate) links: Links,
     pub(crate) cluster_script: Option<std::path::PathBuf>,
+    /// The last `RunInstances` requests, oldest first (`GET /launches`).
+    launches_log: Mutex<std::collections::VecDeque<LaunchLog>>,
     /// The interruption queue in moto.
     pub(crate) queue: crate::interrupt::Queue,
     /// The clusters the registrar serves, for Node conditions (Azure interruptions).
@@ -117,6 +135,19 @@ impl Shared {
     pub(crate) fn aws_regions(&self) -> Vec<String> {
         let regions = self.aws_regions.lock().unwrap_or_else(|e| e.into_inner());
         regions.iter().cloned().collect()
+    }
+
+    pub(crate) fn log_launch(&self, entry: LaunchLog) {
+        let mut log = self.launches_log.lock().unwrap_or_else(|e| e.into_inner());
+        if log.len() >= MAX_LAUNCH_LOG {
+            log.pop_front();
+        }
+        log.push_back(entry);
+    }
+
+    pub(crate) fn launch_log(&self) -> Vec<LaunchLog> {
+        let log = self.launches_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.iter().cloned().collect()
     }
 
     pub(crate) fn wake_registrar(&self) {
@@ -165,6 +196,7 @@ impl Simulator {
             azure_base: azure_url.clone(),
             links,
             cluster_script: config.cluster_script,
+            launches_log: Mutex::default(),
             queue: crate::interrupt::Queue::new(&config.moto_url),
             clusters: config
                 .registrar

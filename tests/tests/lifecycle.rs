@@ -24,19 +24,43 @@ const AZURE_REGION: &str = "eastus";
 const TEMPLATE: &str = "outrigger-e2e-h100";
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// One scalable pool of 8-GPU H100 nodes, up to 2.
+/// One scalable pool of 8-GPU H100 nodes, `min` to 3 (`extra` is merged into its spec).
 struct PoolDef {
     name: String,
     provider: &'static str,
     zone: &'static str,
     capacity: &'static str,
     price: f64,
+    min: u32,
+    extra: Value,
+}
+
+impl PoolDef {
+    fn new(name: &str, provider: &'static str, zone: &'static str, price: f64) -> PoolDef {
+        PoolDef {
+            name: name.to_string(),
+            provider,
+            zone,
+            capacity: "on-demand",
+            price,
+            min: 0,
+            extra: json!({}),
+        }
+    }
+
+    fn spot(self) -> PoolDef {
+        PoolDef {
+            capacity: "spot",
+            ..self
+        }
+    }
 }
 
 struct Scene {
     client: Client,
     sim: SimClouds,
     pools: Vec<PoolDef>,
+    queue_name: String,
     queue: String,
 }
 
@@ -79,22 +103,31 @@ impl Scene {
                     json!({"azure": {"subscriptionId": SUB, "resourceGroup": "e2e", "scaleSetName": p.name}}),
                 )
             };
+            let mut spec = json!({"provider": p.provider, "region": region, "zone": p.zone,
+                "instanceType": instance_type, "gpu": {"type": "H100", "count": 8},
+                "capacityType": p.capacity, "pricePerNodeHour": p.price,
+                "nodes": {"min": p.min, "max": 3}, "scaling": scaling});
+            if let (Some(spec), Some(extra)) = (spec.as_object_mut(), p.extra.as_object()) {
+                spec.extend(extra.clone());
+            }
             let pool: GpuNodePool = serde_json::from_value(json!({
                 "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
-                "metadata": {"name": p.name},
-                "spec": {"provider": p.provider, "region": region, "zone": p.zone,
-                    "instanceType": instance_type, "gpu": {"type": "H100", "count": 8},
-                    "capacityType": p.capacity, "pricePerNodeHour": p.price,
-                    "nodes": {"min": 0, "max": 2}, "scaling": scaling}
+                "metadata": {"name": p.name}, "spec": spec
             }))
             .expect("pool");
             api.create(&PostParams::default(), &pool)
                 .await
                 .expect("pool created");
         }
+        // A queue of this test's own (see tests/src/interrupt.rs).
+        let queue_name = format!("outrigger-interruptions-{}", e2e::suffix());
         let queue = sim
             .control
-            .call(reqwest::Method::GET, "/aws/interruption-queue", None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/aws/interruption-queue?name={queue_name}"),
+                None,
+            )
             .await["queueUrl"]
             .as_str()
             .expect("the simulator's queue URL")
@@ -103,6 +136,7 @@ impl Scene {
             client,
             sim,
             pools,
+            queue_name,
             queue,
         }
     }
@@ -175,15 +209,21 @@ fn pod_ready(pod: &Pod) -> bool {
 }
 
 /// What a watch of the deployment's pods saw: the fewest Ready pods after the
-/// first full list, and when a pool first had a Ready pod.
+/// first full list, and when `replicas` Ready pods first ran off the doomed node.
 #[derive(Default)]
 struct Seen {
     fewest: Option<usize>,
-    first_ready: BTreeMap<String, Instant>,
+    replaced: Option<Instant>,
 }
 
 /// Watches the deployment's pods until aborted.
-fn sample(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+fn sample(
+    client: &Client,
+    ns: &str,
+    doomed: &str,
+    replicas: usize,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let doomed = doomed.to_string();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let out = seen.clone();
@@ -215,15 +255,14 @@ fn sample(client: &Client, ns: &str) -> (Arc<Mutex<Seen>>, tokio::task::JoinHand
                 continue;
             }
             let ready: Vec<&Pod> = pods.values().filter(|p| pod_ready(p)).collect();
+            let elsewhere = ready
+                .iter()
+                .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(&doomed))
+                .count();
             let mut seen = out.lock().unwrap_or_else(|e| e.into_inner());
             seen.fewest = Some(seen.fewest.map_or(ready.len(), |f| f.min(ready.len())));
-            for p in ready {
-                let pool = p
-                    .labels()
-                    .get("outrigger.dev/pool")
-                    .cloned()
-                    .unwrap_or_default();
-                seen.first_ready.entry(pool).or_insert_with(Instant::now);
+            if elsewhere >= replicas && seen.replaced.is_none() {
+                seen.replaced = Some(Instant::now());
             }
         }
     });
@@ -308,7 +347,7 @@ async fn replaced_before_the_deadline(
     })
     .await;
     let node = node_of_pod_in(client, &ns.name, doomed_pool).await;
-    let (seen, watch) = sample(client, &ns.name);
+    let (seen, watch) = sample(client, &ns.name, &node, 2);
     wait_for("the pod watch synced", DEADLINE, || async {
         seen.lock().ok()?.fewest.map(|_| ())
     })
@@ -322,32 +361,29 @@ async fn replaced_before_the_deadline(
         .await;
     let nodes: Api<Node> = Api::all(client.clone());
     let replaced = wait_for(
-        &format!("a replacement Ready in {replacement_pool} after the {what}"),
+        &format!("2 Ready pods off the doomed node {node} after the {what}"),
         DEADLINE,
-        || async {
-            let at = *seen.lock().ok()?.first_ready.get(replacement_pool)?;
-            Some(at)
-        },
+        || async { seen.lock().ok()?.replaced },
     )
     .await;
     // Ordering, not time: when the replacement is Ready, the doomed node's
     // machine is still there.
     let doomed_still_there = nodes.get_opt(&node).await.expect("node read").is_some();
     let seconds = replaced.duration_since(noticed).as_secs_f64();
-    println!("{what}: replacement Ready in {replacement_pool} {seconds:.1} s after the notice");
+    println!("{what}: replacement Ready {seconds:.1} s after the notice");
     assert!(
         doomed_still_there,
         "the replacement was Ready only after the doomed node {node} went"
     );
+    let want = BTreeMap::from([
+        (other_pool.to_string(), 1),
+        (replacement_pool.to_string(), 1),
+    ]);
     wait_for(
-        &format!("the doomed node {node} gone at the deadline, llm Ready on {other_pool} and {replacement_pool}"),
+        &format!("the doomed node {node} gone at the deadline, llm Ready as {want:?}"),
         DEADLINE,
         || async {
             let gone = nodes.get_opt(&node).await.ok()?.is_none();
-            let want = BTreeMap::from([
-                (other_pool.to_string(), 1),
-                (replacement_pool.to_string(), 1),
-            ]);
             (gone && ready_per_pool(client, &ns.name).await == want).then_some(())
         },
     )
@@ -399,27 +435,9 @@ async fn a_spot_interruption_is_replaced_before_the_deadline() {
         format!("azure-{tag}"),
     );
     let scene = Scene::new(vec![
-        PoolDef {
-            name: spot.clone(),
-            provider: "aws",
-            zone: "us-east-1a",
-            capacity: "spot",
-            price: 5.0,
-        },
-        PoolDef {
-            name: od.clone(),
-            provider: "aws",
-            zone: "us-east-1b",
-            capacity: "on-demand",
-            price: 10.0,
-        },
-        PoolDef {
-            name: azure.clone(),
-            provider: "azure",
-            zone: "1",
-            capacity: "on-demand",
-            price: 20.0,
-        },
+        PoolDef::new(&spot, "aws", "us-east-1a", 5.0).spot(),
+        PoolDef::new(&od, "aws", "us-east-1b", 10.0),
+        PoolDef::new(&azure, "azure", "1", 20.0),
     ])
     .await;
     let operator = scene.operator("lifecycle-spot").await;
@@ -453,27 +471,9 @@ async fn an_azure_preempt_is_replaced_before_the_deadline() {
         format!("aws-{tag}"),
     );
     let scene = Scene::new(vec![
-        PoolDef {
-            name: spot.clone(),
-            provider: "azure",
-            zone: "1",
-            capacity: "spot",
-            price: 5.0,
-        },
-        PoolDef {
-            name: od.clone(),
-            provider: "azure",
-            zone: "2",
-            capacity: "on-demand",
-            price: 10.0,
-        },
-        PoolDef {
-            name: aws.clone(),
-            provider: "aws",
-            zone: "us-east-1c",
-            capacity: "on-demand",
-            price: 20.0,
-        },
+        PoolDef::new(&spot, "azure", "1", 5.0).spot(),
+        PoolDef::new(&od, "azure", "2", 10.0),
+        PoolDef::new(&aws, "aws", "us-east-1c", 20.0),
     ])
     .await;
     let operator = scene.operator("lifecycle-preempt").await;
@@ -545,12 +545,350 @@ async fn bad_queue_messages_are_deleted_and_counted() {
         let state = scene
             .sim
             .control
-            .call(reqwest::Method::GET, "/aws/interruption-queue", None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/aws/interruption-queue?name={}", scene.queue_name),
+                None,
+            )
             .await;
         (state["messages"].as_u64() == Some(0)).then_some(())
     })
     .await;
     assert!(!operator.exited(), "the operator keeps running");
+    scene.delete().await;
+    operator.stop().await;
+}
+
+/// Live (pending or running) EC2 instances tagged for `pool`.
+async fn live_instances(ec2: &aws_sdk_ec2::Client, pool: &str) -> Option<Vec<String>> {
+    use aws_sdk_ec2::types::Filter;
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:outrigger.dev/pool")
+                .values(pool)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .ok()?;
+    let mut ids: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    ids.sort();
+    Some(ids)
+}
+
+/// Names of the pool's Ready Nodes.
+async fn ready_nodes(client: &Client, pool: &str) -> Vec<String> {
+    let api: Api<Node> = Api::all(client.clone());
+    api.list(&ListParams::default().labels(&format!("outrigger.dev/pool={pool}")))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(e2e::node_ready)
+        .map(|n| n.name_any())
+        .collect()
+}
+
+async fn pool_condition(client: &Client, pool: &str, type_: &str) -> Option<(String, String)> {
+    let api: Api<GpuNodePool> = Api::all(client.clone());
+    api.get(pool)
+        .await
+        .ok()?
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
+async fn a_broken_node_is_repaired_and_an_outage_is_not() {
+    if !e2e::enabled("node repair") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let tag = e2e::suffix();
+    let (aws, azure) = (format!("rep-{tag}"), format!("repaz-{tag}"));
+    let mut aws_pool = PoolDef::new(&aws, "aws", "us-east-1d", 5.0);
+    aws_pool.min = 2;
+    aws_pool.extra = json!({"repair": {"notReadyAfterSeconds": 5}});
+    let scene = Scene::new(vec![aws_pool, PoolDef::new(&azure, "azure", "3", 20.0)]).await;
+    let ec2 = scene.sim.ec2(AWS_REGION).await;
+    let operator = scene.operator("lifecycle-repair").await;
+    let ns = TestNamespace::new(&scene.client, "repair").await;
+    let client = &scene.client;
+    let md: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    md.create(&PostParams::default(), &model(2))
+        .await
+        .expect("ModelDeployment created");
+    let want = BTreeMap::from([(aws.clone(), 1), (azure.clone(), 1)]);
+    wait_for(
+        "llm Ready on both pools, two aws nodes",
+        DEADLINE,
+        || async {
+            (ready_per_pool(client, &ns.name).await == want
+                && ready_nodes(client, &aws).await.len() == 2)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // One broken node: replaced.
+    let broken = node_of_pod_in(client, &ns.name, &aws).await;
+    let fault = scene
+        .sim
+        .control
+        .inject(json!({"fault": "NodeNotReady", "provider": "aws", "node": broken}))
+        .await;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let broke = Instant::now();
+    wait_for(
+        &format!("{broken} repaired: gone, two Ready aws nodes again, llm Ready"),
+        DEADLINE,
+        || async {
+            let gone = nodes.get_opt(&broken).await.ok()?.is_none();
+            (gone
+                && ready_nodes(client, &aws).await.len() == 2
+                && ready_per_pool(client, &ns.name).await == want)
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "repair: {broken} NotReady to a Ready replacement and llm Ready again in {:.1} s (notReadyAfterSeconds 5)",
+        broke.elapsed().as_secs_f64()
+    );
+    scene.sim.control.clear(&fault).await;
+    assert!(
+        operator.metric("outrigger_repairs_total").await == Some(1.0),
+        "one repair counted"
+    );
+    assert!(
+        events_with(client, "Repairing")
+            .await
+            .iter()
+            .any(|m| m.contains(&broken)),
+        "a Repairing Event names {broken}"
+    );
+
+    // The whole pool's region down: an outage, nothing is terminated.
+    let before = live_instances(&ec2, &aws).await.expect("instances listed");
+    scene
+        .sim
+        .control
+        .outage(json!({"provider": "aws", "region": AWS_REGION}))
+        .await;
+    wait_for(
+        "NodeRepair=False ProviderOutage, and llm moved off the lost pool",
+        DEADLINE,
+        || async {
+            let condition = pool_condition(client, &aws, "NodeRepair").await?;
+            let moved = ready_per_pool(client, &ns.name).await.get(&azure) == Some(&2);
+            (condition == ("False".to_string(), "ProviderOutage".to_string()) && moved)
+                .then_some(())
+        },
+    )
+    .await;
+    let after = live_instances(&ec2, &aws).await.expect("instances listed");
+    assert_eq!(before, after, "an outage terminated instances");
+    assert_eq!(
+        operator.metric("outrigger_repairs_total").await,
+        Some(1.0),
+        "no repair during the outage"
+    );
+    scene.sim.control.recover("aws").await;
+    md.delete("llm", &DeleteParams::default())
+        .await
+        .expect("ModelDeployment deleted");
+    ns.delete().await;
+    scene.delete().await;
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
+async fn a_launch_that_never_registers_is_terminated_and_the_replica_lands_elsewhere() {
+    if !e2e::enabled("registration timeout") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let tag = e2e::suffix();
+    let (stuck, other, azure) = (
+        format!("stuck-{tag}"),
+        format!("other-{tag}"),
+        format!("regaz-{tag}"),
+    );
+    let mut stuck_pool = PoolDef::new(&stuck, "aws", "us-east-1a", 5.0);
+    stuck_pool.extra = json!({"registrationTimeoutSeconds": 10});
+    let scene = Scene::new(vec![
+        stuck_pool,
+        PoolDef::new(&other, "aws", "us-east-1b", 10.0),
+        PoolDef::new(&azure, "azure", "1", 20.0),
+    ])
+    .await;
+    let ec2 = scene.sim.ec2(AWS_REGION).await;
+    scene
+        .sim
+        .control
+        .inject(json!({"fault": "NeverRegisters", "provider": "aws",
+                       "instanceType": "p5.48xlarge", "zone": "us-east-1a"}))
+        .await;
+    let operator = scene.operator("lifecycle-registration").await;
+    let ns = TestNamespace::new(&scene.client, "register").await;
+    let client = &scene.client;
+    let md: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    md.create(&PostParams::default(), &model(2))
+        .await
+        .expect("ModelDeployment created");
+    wait_for(
+        &format!("an instance launched for {stuck}"),
+        DEADLINE,
+        || async { (!live_instances(&ec2, &stuck).await?.is_empty()).then_some(()) },
+    )
+    .await;
+    let launched = Instant::now();
+    let want = BTreeMap::from([(other.clone(), 1), (azure.clone(), 1)]);
+    wait_for(
+        &format!("the stuck instance terminated, llm Ready on {other} and {azure}"),
+        DEADLINE,
+        || async {
+            let none_left = live_instances(&ec2, &stuck).await?.is_empty();
+            (none_left && ready_per_pool(client, &ns.name).await == want).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "registration timeout: from the stuck launch to the replica Ready elsewhere {:.1} s (registrationTimeoutSeconds 10)",
+        launched.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        backoff_reason(client, &stuck).await.as_deref(),
+        Some("RegistrationTimeout"),
+        "a failed registration is a failed launch of the offering"
+    );
+    scene.sim.control.clear_all().await;
+    md.delete("llm", &DeleteParams::default())
+        .await
+        .expect("ModelDeployment deleted");
+    ns.delete().await;
+    scene.delete().await;
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
+async fn a_capacity_error_holds_back_every_pool_with_the_offering_only() {
+    if !e2e::enabled("offering memory") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let tag = e2e::suffix();
+    let (a, b, sibling) = (
+        format!("offa-{tag}"),
+        format!("offb-{tag}"),
+        format!("offc-{tag}"),
+    );
+    // a and b: the same offering (p5.48xlarge, us-east-1a, on-demand); the
+    // sibling is in us-east-1b.
+    let scene = Scene::new(vec![
+        PoolDef::new(&a, "aws", "us-east-1a", 5.0),
+        PoolDef::new(&b, "aws", "us-east-1a", 6.0),
+        PoolDef::new(&sibling, "aws", "us-east-1b", 7.0),
+    ])
+    .await;
+    scene
+        .sim
+        .control
+        .inject(json!({"fault": "InsufficientInstanceCapacity",
+                       "instanceType": "p5.48xlarge", "zone": "us-east-1a"}))
+        .await;
+    let operator = scene.operator("lifecycle-offering").await;
+    let ns = TestNamespace::new(&scene.client, "offering").await;
+    let client = &scene.client;
+    let md: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let mut one: ModelDeployment = model(1);
+    one.spec.placement.spread.clear();
+    md.create(&PostParams::default(), &one)
+        .await
+        .expect("ModelDeployment created");
+    let want = BTreeMap::from([(sibling.clone(), 1)]);
+    wait_for(
+        &format!("llm Ready on the sibling offering {sibling}"),
+        DEADLINE,
+        || async { (ready_per_pool(client, &ns.name).await == want).then_some(()) },
+    )
+    .await;
+    wait_for(
+        &format!("{b} carries the offering's backoff"),
+        DEADLINE,
+        || async {
+            let api: Api<GpuNodePool> = Api::all(client.clone());
+            let backoff = api.get(&b).await.ok()?.status?.capacity_backoff?;
+            (backoff.offering.zone.as_deref() == Some("us-east-1a")).then_some(())
+        },
+    )
+    .await;
+    let launches = scene
+        .sim
+        .control
+        .call(reqwest::Method::GET, "/launches", None)
+        .await;
+    let from = |pool: &str| -> Vec<Value> {
+        launches
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["pool"] == pool)
+            .cloned()
+            .collect()
+    };
+    println!(
+        "offering memory: RunInstances from {a}: {:?}; from {b}: {:?}; from {sibling}: {:?}",
+        from(&a)
+            .iter()
+            .map(|l| l["refused"].clone())
+            .collect::<Vec<_>>(),
+        from(&b).len(),
+        from(&sibling)
+            .iter()
+            .map(|l| l["refused"].clone())
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        from(&a)
+            .iter()
+            .any(|l| l["refused"] == "InsufficientInstanceCapacity"),
+        "{a} was refused"
+    );
+    assert!(
+        from(&b).is_empty(),
+        "{b} asked for the offering in backoff: {:?}",
+        from(&b)
+    );
+    assert!(
+        from(&sibling).iter().any(|l| l["refused"].is_null()),
+        "the sibling offering launched"
+    );
+    scene.sim.control.clear_all().await;
+    md.delete("llm", &DeleteParams::default())
+        .await
+        .expect("ModelDeployment deleted");
+    ns.delete().await;
     scene.delete().await;
     operator.stop().await;
 }

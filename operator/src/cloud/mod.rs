@@ -144,6 +144,9 @@ pub enum ErrorKind {
     /// Anything that may work if tried again: 5xx, timeouts, connection errors,
     /// failed long-running operations.
     Transient,
+    /// Launched instances never became Ready Nodes (the registration timeout): a
+    /// failed launch of the offering, found by the scaler, not sent by a cloud.
+    NotRegistered,
 }
 
 /// A failed cloud call: its kind, the provider's error code and message.
@@ -181,6 +184,7 @@ impl CloudError {
             ErrorKind::Unauthorized => "Unauthorized",
             ErrorKind::Invalid => "Invalid",
             ErrorKind::Transient => "Transient",
+            ErrorKind::NotRegistered => "RegistrationTimeout",
         }
     }
 
@@ -188,7 +192,7 @@ impl CloudError {
     pub fn blocks_growth(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::InsufficientCapacity | ErrorKind::QuotaExceeded
+            ErrorKind::InsufficientCapacity | ErrorKind::QuotaExceeded | ErrorKind::NotRegistered
         )
     }
 

@@ -176,6 +176,27 @@ impl Applier {
         Ok(true)
     }
 
+    /// Deletes a pod at once (grace period 0): a pod of a node whose kubelet is gone
+    /// and whose instance is being terminated (a repair) can never stop by itself.
+    pub async fn delete_pod_now(&self, namespace: &str, name: &str) -> Result<(), Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        match pods
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await
+        {
+            Ok(_) => self.metrics.wrote("pods", "delete"),
+            Err(kube::Error::Api(e)) if e.is_not_found() => {}
+            Err(source) => {
+                return Err(Error::Delete {
+                    kind: "Pod".to_string(),
+                    name: format!("{namespace}/{name}"),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A JSON merge patch of a pod (its deletion cost); a pod that is gone counts
     /// as done.
     pub async fn merge_pod(

@@ -26,6 +26,10 @@ use crate::observe::inventory::{Inventory, NodeFacts, offering_of};
 /// The longest wait SQS allows for one receive: messages arrive as soon as they
 /// are sent, and an idle queue costs one request per 20 s.
 const LONG_POLL_SECONDS: i32 = 20;
+/// How long a received message stays hidden from other receivers: acting takes
+/// well under a second, and a message an operator received just before it died
+/// (a leader change) is shown again this soon, not after the queue's default 30 s.
+const VISIBILITY_SECONDS: i32 = 10;
 /// After a failed receive, try again this much later.
 const RETRY: Duration = Duration::from_secs(5);
 
@@ -57,6 +61,7 @@ impl Queue {
                 .queue_url(&self.url)
                 .max_number_of_messages(10)
                 .wait_time_seconds(LONG_POLL_SECONDS)
+                .visibility_timeout(VISIBILITY_SECONDS)
                 .send();
             let received = tokio::select! {
                 r = receive => r,
@@ -128,7 +133,7 @@ async fn handle(ctx: &Context, body: &str) -> Result<(), Error> {
                         mark(ctx, pool, node, interruption).await?;
                     }
                     None => {
-                        tracing::info!(instance = %id, kind = interruption.kind.as_str(), "interruption notice for an instance that is no node of a pool: deleted");
+                        tracing::info!(instance = %id, kind = interruption.kind.as_str(), nodes = inventory.nodes.len(), "interruption notice for an instance that is no node of a pool: deleted");
                         ctx.metrics
                             .interruption("aws", interruption.kind.as_str(), "not-ours");
                     }

@@ -23,9 +23,9 @@ use tokio::sync::Mutex;
 
 use super::apply::manager;
 use super::{Context, Error};
-use crate::cloud::{CloudError, CloudProvider, Instance, Launch, Target};
-use crate::observe::inventory::{Inventory, NodeFacts};
-use crate::scaling::{self, Backoff, NodeSeat};
+use crate::cloud::{CloudError, CloudProvider, ErrorKind, Instance, Launch, Target};
+use crate::observe::inventory::{Inventory, NodeFacts, Readiness};
+use crate::scaling::{self, Backoff, NodeSeat, RepairState};
 use crate::{labels, status};
 
 pub const CONTROLLER: &str = "scaler";
@@ -41,7 +41,8 @@ const SOON: Duration = Duration::from_secs(2);
 pub struct Settings {
     /// A node empty this long may be returned.
     pub cooldown: Duration,
-    /// An instance that is not a Node this long after launch is a leak.
+    /// An instance that is not a Ready Node this long after launch failed to
+    /// register (a pool's `registrationTimeoutSeconds` overrides it).
     pub boot_grace: Duration,
     /// A pool's growth pauses this long after a capacity or quota error, doubling
     /// while the errors repeat.
@@ -135,7 +136,11 @@ impl Written {
     }
 }
 
-const OWN_CONDITIONS: [&str; 2] = [condition::CAPACITY_AVAILABLE, condition::CLOUD_REACHABLE];
+const OWN_CONDITIONS: [&str; 3] = [
+    condition::CAPACITY_AVAILABLE,
+    condition::CLOUD_REACHABLE,
+    condition::NODE_REPAIR,
+];
 
 fn uid_of(pool: &GpuNodePool) -> String {
     pool.uid().unwrap_or_else(|| pool.name_any())
@@ -204,9 +209,13 @@ pub struct Steps {
     pub adopted: Option<CapacityBackoff>,
     pub cordon: Vec<String>,
     pub uncordon: Vec<String>,
-    /// Empty cordoned nodes' instances, then leaks.
+    /// Empty cordoned nodes' instances, then repairs, then registration timeouts.
     pub terminate: Vec<String>,
+    /// Instances that did not become a Ready Node within the registration timeout.
     pub leaked: usize,
+    /// Nodes NotReady past `repair.notReadyAfterSeconds`: (node, instance).
+    pub repair: Vec<(String, String)>,
+    pub repair_state: RepairState,
     /// Instances that are not Nodes yet.
     pub booting: bool,
     /// When something falls due with nothing else to trigger a pass: a backoff
@@ -248,8 +257,30 @@ pub fn decide(
         })
         .cloned();
     let backoff = Backoff::of(adopted.as_ref().or(before.backoff.as_ref()), now);
-    let blocked = matches!(backoff, Backoff::Blocked { .. });
-    let launch = (desired > have && !blocked).then(|| {
+    let blocked = matches!(backoff, Backoff::Blocked { .. }) || inventory.offering_reclaimed(index);
+    // A launch waits while instances fail to register: they count as a failed
+    // launch first (the backoff decides whether to try again).
+    let registration = pool
+        .spec
+        .registration_timeout_seconds
+        .map_or(settings.boot_grace, |s| Duration::from_secs(u64::from(s)));
+    let joined: BTreeMap<String, String> = nodes
+        .iter()
+        .filter(|n| n.readiness != Readiness::Booting)
+        .filter_map(|n| {
+            let instance = scaling::instance_of(n.provider_id.as_deref()?, instances)?;
+            Some((n.name.clone(), instance.id.clone()))
+        })
+        .collect();
+    for i in &live {
+        memory.first_seen.entry(i.id.clone()).or_insert(now);
+    }
+    let first_seen: BTreeMap<String, Timestamp> = live
+        .iter()
+        .filter_map(|i| Some((i.id.clone(), *memory.first_seen.get(&i.id)?)))
+        .collect();
+    let leaks = scaling::leaked(instances, &joined, &first_seen, registration, now);
+    let launch = (desired > have && !blocked && leaks.is_empty()).then(|| {
         let add = desired - have;
         Launch {
             have,
@@ -290,20 +321,8 @@ pub fn decide(
             empty_since,
         });
     }
-    for i in &live {
-        memory.first_seen.entry(i.id.clone()).or_insert(now);
-    }
-    let first_seen: BTreeMap<String, Timestamp> = live
-        .iter()
-        .filter_map(|i| Some((i.id.clone(), *memory.first_seen.get(&i.id)?)))
-        .collect();
-    let leaks = scaling::leaked(
-        instances,
-        &node_instances,
-        &first_seen,
-        settings.boot_grace,
-        now,
-    );
+    let (repair_state, repair, repair_due) =
+        scaling::repairs(pool, inventory, nodes, &node_instances, now);
     let excess = have.saturating_sub(desired);
     let down = scaling::scale_down(&seats, excess, settings.cooldown, now);
     let mut due = Vec::new();
@@ -320,8 +339,26 @@ pub fn decide(
                 .map(|since| since + cooldown),
         );
     }
+    due.extend(repair_due);
+    let registration = SignedDuration::try_from(registration).unwrap_or(SignedDuration::MAX);
+    due.extend(
+        live.iter()
+            .filter(|i| !joined.values().any(|id| id == &i.id))
+            .filter_map(|i| first_seen.get(&i.id).map(|t| *t + registration)),
+    );
     let mut terminate = down.terminate;
-    terminate.extend(leaks.iter().cloned());
+    for (_, instance) in &repair {
+        if !terminate.contains(instance) {
+            terminate.push(instance.clone());
+        }
+    }
+    terminate.extend(
+        leaks
+            .iter()
+            .filter(|i| !terminate.contains(i))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
     Steps {
         desired,
         have,
@@ -332,6 +369,8 @@ pub fn decide(
         uncordon: down.uncordon,
         terminate,
         leaked: leaks.len(),
+        repair,
+        repair_state,
         booting: live
             .iter()
             .any(|i| !node_instances.values().any(|id| id == &i.id)),
@@ -380,7 +419,9 @@ pub fn report_launch(
             warning: None,
         },
         Some(Err(e)) => {
-            let seconds = steps.backoff.next_seconds(settings.backoff);
+            let seconds = steps
+                .backoff
+                .next_seconds(scaling::first_backoff(e, settings.backoff));
             let record = Backoff::record(pool, e, seconds, now);
             let message = Backoff::blocked_message(e, &record);
             let mut c = before.make(
@@ -489,8 +530,24 @@ async fn apply(
         now,
     );
 
-    // Execute: the launch, then scale-down.
+    // Execute: the launch (or, when instances failed to register, that failure),
+    // then repairs and scale-down.
     let outcome = match &steps.launch {
+        None if steps.leaked > 0 => {
+            let timeout = pool
+                .spec
+                .registration_timeout_seconds
+                .map_or(ctx.settings.boot_grace.as_secs(), u64::from);
+            Some(Err(CloudError::new(
+                ErrorKind::NotRegistered,
+                "register",
+                "RegistrationTimeout",
+                format!(
+                    "{} launched instance(s) did not become a Ready Node within {timeout} s (registrationTimeoutSeconds); terminated",
+                    steps.leaked
+                ),
+            )))
+        }
         Some(launch) => match cloud.launch(target, launch).await {
             Ok(n) => {
                 tracing::info!(pool = %name, launched = n, have = steps.have, desired = steps.desired, "scaler: launched instances");
@@ -504,8 +561,39 @@ async fn apply(
         },
         None => None,
     };
+    for (node, instance) in &steps.repair {
+        let after = pool.spec.repair.unwrap_or_default().not_ready_after_seconds;
+        tracing::warn!(pool = %name, %node, %instance, "scaler: repairing a node NotReady for {after} s");
+        shared
+            .metrics
+            .repaired(pool.spec.provider.as_str(), "NotReady");
+        publish(
+            shared,
+            &pool,
+            EventType::Warning,
+            "Repairing",
+            format!(
+                "node {node} has been NotReady for at least {after} s (repair.notReadyAfterSeconds): terminating its instance {instance}; the scaler launches a replacement"
+            ),
+        )
+        .await;
+    }
     for node in &steps.cordon {
         cordon(shared, node, true).await?;
+    }
+    // Drain what is being repaired: its kubelet is gone, so its pods go at once and
+    // their ReplicaSets start them elsewhere.
+    for (node, _) in &steps.repair {
+        for pod in shared.stores.pods.state() {
+            let here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+            if let (true, Some(ns), Some(name)) = (
+                here,
+                pod.metadata.namespace.as_deref(),
+                pod.metadata.name.as_deref(),
+            ) {
+                shared.applier.delete_pod_now(ns, name).await?;
+            }
+        }
     }
     for node in &steps.uncordon {
         cordon(shared, node, false).await?;
@@ -535,7 +623,7 @@ async fn apply(
         format!("the {} API answers", pool.spec.provider),
         now,
     );
-    let mut conditions = vec![reachable];
+    let mut conditions = vec![reachable, repair_condition(&pool, &steps, &before, now)];
     conditions.extend(report.capacity);
     write_status(
         ctx,
@@ -560,6 +648,42 @@ async fn apply(
         }
     }
     Ok(Action::requeue(next))
+}
+
+/// `NodeRepair`: whether broken nodes are replaced now, and why not.
+fn repair_condition(
+    pool: &GpuNodePool,
+    steps: &Steps,
+    before: &Written,
+    now: Timestamp,
+) -> Condition {
+    let (ok, reason, message) = match &steps.repair_state {
+        RepairState::Off => (
+            false,
+            "Disabled",
+            "repair.notReadyAfterSeconds is 0: broken nodes are not replaced".to_string(),
+        ),
+        RepairState::Allowed { after } => (
+            true,
+            "Allowed",
+            format!("a node NotReady for {after} s is terminated and replaced"),
+        ),
+        RepairState::Outage { region } => (
+            false,
+            "ProviderOutage",
+            format!(
+                "a pool of {region} has lost all its nodes: that is an outage, so no node is repaired until it ends"
+            ),
+        ),
+        RepairState::TooManyUnhealthy { unhealthy, nodes } => (
+            false,
+            "TooManyUnhealthy",
+            format!(
+                "{unhealthy} of {nodes} nodes are unhealthy (more than one and more than 20%): no node is repaired while so many are"
+            ),
+        ),
+    };
+    before.make(pool, condition::NODE_REPAIR, ok, reason, message, now)
 }
 
 /// The pool is going: terminate everything it launched, and keep the finalizer

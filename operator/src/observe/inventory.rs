@@ -518,6 +518,23 @@ impl Inventory {
         }
     }
 
+    /// A node of pool `pool`'s offering (in any pool) is being reclaimed (a spot
+    /// interruption, a Preempt): the offering is short now, before the backoff the
+    /// interruption starts is recorded.
+    pub fn offering_reclaimed(&self, pool: usize) -> bool {
+        let Some(p) = self.pools.get(pool) else {
+            return false;
+        };
+        let key = offering_key(p.spec.provider, &offering_of(p));
+        self.nodes.iter().any(|n| {
+            let reclaimed = n.interruption.is_some_and(|i| i.kind.reclaims_capacity());
+            reclaimed
+                && n.pool
+                    .and_then(|j| self.pools.get(j))
+                    .is_some_and(|q| offering_key(q.spec.provider, &offering_of(q)) == key)
+        })
+    }
+
     /// The backoff of pool `pool`'s offering that ends last, whichever pool (or
     /// interruption) it came from.
     pub fn offering_backoff(&self, pool: usize) -> Option<&CapacityBackoff> {
@@ -746,6 +763,7 @@ impl Inventory {
             let shared = self.offering_backoff(i).filter(|b| b.until.0 > now);
             let growth_blocked = inputs::growth_blocked(status, now)
                 || shared.is_some()
+                || self.offering_reclaimed(i)
                 || matches!(state, Health::Recovering { .. });
             // A backoff's end makes room: plan again then.
             for backoff in status

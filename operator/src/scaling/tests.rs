@@ -197,3 +197,128 @@ fn launch_tokens_repeat_for_the_same_request_only() {
         Some("i-2")
     );
 }
+
+fn lost(name: &str, since: &str) -> NodeFacts {
+    NodeFacts {
+        readiness: Readiness::Lost(since.parse().unwrap()),
+        ..node(name, 8, vec![])
+    }
+}
+
+fn pool_with_repair(after: u32) -> GpuNodePool {
+    let mut p = (*pool(8)).clone();
+    p.spec.repair = Some(outrigger_crds::NodeRepair {
+        not_ready_after_seconds: after,
+    });
+    p
+}
+
+#[test]
+fn one_broken_node_is_repaired_after_its_threshold() {
+    let now: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+    let nodes = vec![
+        lost("n0", "2026-01-01T00:00:00Z"),
+        node("n1", 8, vec![]),
+        node("n2", 8, vec![]),
+    ];
+    let inv = inventory(nodes.clone(), vec![]);
+    let seats: Vec<&NodeFacts> = nodes.iter().collect();
+    let instances = BTreeMap::from([("n0".to_string(), "i-0".to_string())]);
+    let (state, chosen, _) = repairs(&pool_with_repair(300), &inv, &seats, &instances, now);
+    assert_eq!(state, RepairState::Allowed { after: 300 });
+    assert_eq!(chosen, [("n0".to_string(), "i-0".to_string())]);
+    // Not yet due: a wake-up at the threshold instead.
+    let (_, chosen, due) = repairs(&pool_with_repair(900), &inv, &seats, &instances, now);
+    assert!(chosen.is_empty());
+    assert_eq!(due, ["2026-01-01T00:15:00Z".parse::<Timestamp>().unwrap()]);
+    // Off.
+    let (state, chosen, _) = repairs(&pool_with_repair(0), &inv, &seats, &instances, now);
+    assert_eq!(state, RepairState::Off);
+    assert!(chosen.is_empty());
+}
+
+#[test]
+fn an_outage_is_not_repaired() {
+    let now: Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+    let instances = BTreeMap::from([
+        ("n0".to_string(), "i-0".to_string()),
+        ("n1".to_string(), "i-1".to_string()),
+    ]);
+    // Every node of the pool lost: the pool is lost.
+    let all = vec![
+        lost("n0", "2026-01-01T00:00:00Z"),
+        lost("n1", "2026-01-01T00:00:00Z"),
+    ];
+    let inv = inventory(all.clone(), vec![]);
+    let seats: Vec<&NodeFacts> = all.iter().collect();
+    let (state, chosen, _) = repairs(&pool_with_repair(60), &inv, &seats, &instances, now);
+    assert!(matches!(state, RepairState::Outage { .. }), "{state:?}");
+    assert!(chosen.is_empty());
+    // Two of six unhealthy: more than one and more than 20%.
+    let mut many = vec![
+        lost("n0", "2026-01-01T00:00:00Z"),
+        lost("n1", "2026-01-01T00:00:00Z"),
+    ];
+    many.extend((2..6).map(|i| node(&format!("n{i}"), 8, vec![])));
+    let inv = inventory(many.clone(), vec![]);
+    let seats: Vec<&NodeFacts> = many.iter().collect();
+    let (state, chosen, _) = repairs(&pool_with_repair(60), &inv, &seats, &instances, now);
+    assert_eq!(
+        state,
+        RepairState::TooManyUnhealthy {
+            unhealthy: 2,
+            nodes: 6
+        }
+    );
+    assert!(chosen.is_empty());
+}
+
+#[test]
+fn backoffs_are_longer_for_zonal_allocation_failures_and_a_zero_quota() {
+    let base = Duration::from_secs(180);
+    let error = |kind, code: &str, message: &str| CloudError::new(kind, "launch", code, message);
+    assert_eq!(
+        first_backoff(
+            &error(
+                ErrorKind::InsufficientCapacity,
+                "InsufficientInstanceCapacity",
+                "no capacity"
+            ),
+            base
+        ),
+        base
+    );
+    assert_eq!(
+        first_backoff(
+            &error(
+                ErrorKind::InsufficientCapacity,
+                "ZonalAllocationFailed",
+                "zone 1"
+            ),
+            base
+        ),
+        Duration::from_secs(900)
+    );
+    assert_eq!(
+        first_backoff(
+            &error(
+                ErrorKind::QuotaExceeded,
+                "VcpuLimitExceeded",
+                "You have requested more vCPU capacity than your current vCPU limit of 0 allows"
+            ),
+            base
+        ),
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        first_backoff(
+            &error(
+                ErrorKind::QuotaExceeded,
+                "VcpuLimitExceeded",
+                "your current vCPU limit of 192 allows"
+            ),
+            base
+        ),
+        base
+    );
+}

@@ -134,7 +134,9 @@ enum FaultAction {
     /// Inject a fault: InsufficientInstanceCapacity, VcpuLimitExceeded,
     /// RequestLimitExceeded, InternalError (aws); SkuNotAvailable,
     /// ZonalAllocationFailed, OperationNotAllowed, TooManyRequests, OperationFailed,
-    /// OperationStalled (azure); Latency (either, with --provider and --millis).
+    /// OperationStalled (azure); Latency (either, with --provider and --millis);
+    /// NeverRegisters (--provider, --instance-type, --zone) and NodeNotReady
+    /// (--provider, --node).
     Inject(Inject),
     /// Clear faults by id, or every fault (of --provider).
     Clear {
@@ -244,6 +246,9 @@ struct Inject {
     /// Latency: milliseconds added.
     #[arg(long)]
     millis: Option<u64>,
+    /// NodeNotReady: the Node held NotReady.
+    #[arg(long)]
+    node: Option<String>,
 }
 
 fn parse_provider(name: &str) -> Result<Provider, String> {
@@ -484,7 +489,7 @@ async fn fault(args: FaultArgs) -> Result<(), String> {
 fn inject_body(inject: Inject) -> Value {
     let mut body = Map::new();
     body.insert("fault".into(), json!(inject.fault));
-    let fields: [(&str, Option<Value>); 11] = [
+    let fields: [(&str, Option<Value>); 12] = [
         ("instanceType", inject.instance_type.map(Value::from)),
         ("region", inject.region.map(Value::from)),
         ("zone", inject.zone.map(Value::from)),
@@ -496,6 +501,7 @@ fn inject_body(inject: Inject) -> Value {
         ("scaleSet", inject.scale_set.map(Value::from)),
         ("provider", inject.provider.map(|p| Value::from(p.as_str()))),
         ("millis", inject.millis.map(Value::from)),
+        ("node", inject.node.map(Value::from)),
     ];
     for (name, value) in fields {
         if let Some(v) = value {

@@ -153,14 +153,29 @@ async fn run_instances(
     };
     let mut count = launch.max_count;
     if let Some((instance_type, zone)) = &placement {
+        let pool = request.tag(outrigger_crds::POOL_LABEL).map(str::to_string);
+        let log = |refused: Option<&str>| {
+            shared.log_launch(crate::simulator::LaunchLog {
+                at: jiff::Timestamp::now(),
+                pool: pool.clone(),
+                instance_type: instance_type.clone(),
+                zone: zone.clone(),
+                refused: refused.map(str::to_string),
+            });
+        };
         if let Some(error) = launch_fault(shared, &region, instance_type, zone) {
+            log(Some(&error.code));
             tracing::info!(%instance_type, %zone, code = %error.code, "ec2: RunInstances refused by an injected fault");
             return error.into_response(request_id);
         }
         match headroom(shared, &region, instance_type, zone).await {
-            Ok(None) => {}
-            Ok(Some(room)) if room >= launch.min_count => count = count.min(room),
+            Ok(None) => log(None),
+            Ok(Some(room)) if room >= launch.min_count => {
+                log(None);
+                count = count.min(room);
+            }
             Ok(Some(room)) => {
+                log(Some("InsufficientInstanceCapacity"));
                 tracing::info!(%instance_type, %zone, room, wanted = launch.min_count, "ec2: RunInstances over capacity");
                 return Ec2Error::insufficient_capacity(instance_type, zone)
                     .into_response(request_id);

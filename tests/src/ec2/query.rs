@@ -74,6 +74,17 @@ impl Ec2Request {
             .collect()
     }
 
+    /// The value of tag `key` in the request's tag specifications
+    /// (`TagSpecification.N.Tag.M.Key` and `.Value`).
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        let name = self
+            .params
+            .iter()
+            .find(|(k, v)| k.starts_with("TagSpecification.") && k.ends_with(".Key") && v == key)
+            .map(|(k, _)| k.trim_end_matches(".Key").to_string())?;
+        self.param(&format!("{name}.Value"))
+    }
+
     /// Sets a parameter, replacing an existing one in place.
     pub fn set_param(&mut self, name: &str, value: &str) {
         match self.params.iter_mut().find(|(k, _)| k == name) {

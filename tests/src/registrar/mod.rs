@@ -28,7 +28,7 @@ use outrigger_crds::{CLUSTER_TAG, GpuNodePool, POOL_LABEL, Provider};
 use tokio::sync::watch;
 
 use crate::ec2::moto::{InstanceShape, MotoError};
-use crate::faults::Outage;
+use crate::faults::{Fault, Outage, matches};
 use crate::simulator::Shared;
 use node::{MANAGED_BY, MANAGED_BY_LABEL, Machine, OutageChange, PoolTraits, Shape};
 
@@ -158,6 +158,31 @@ impl Registrar {
         }
         machines.extend(self.azure_machines());
 
+        // Faults: machines that never join, and single Nodes held NotReady.
+        let (faults, mut outages) = {
+            let book = self.shared.book();
+            let faults: Vec<Fault> = book.faults().iter().map(|f| f.fault.clone()).collect();
+            (faults, book.outages().to_vec())
+        };
+        for fault in &faults {
+            if let Fault::NodeNotReady { provider, node } = fault {
+                outages.push(Outage {
+                    provider: *provider,
+                    region: None,
+                    api: false,
+                    node: Some(node.clone()),
+                });
+            }
+        }
+        let machines_before = machines.len();
+        machines.retain(|m| !faults.iter().any(|f| never_registers(f, m)));
+        if machines.len() < machines_before {
+            tracing::debug!(
+                skipped = machines_before - machines.len(),
+                "registrar: NeverRegisters: machines left without a Node"
+            );
+        }
+
         let targets: Vec<ClusterTarget> = self.clusters.iter().map(|c| c.target.clone()).collect();
         let mut routed: Vec<BTreeMap<String, Machine>> = vec![BTreeMap::new(); self.clusters.len()];
         for machine in machines {
@@ -165,7 +190,7 @@ impl Registrar {
                 routed[i].insert(machine.node_name.clone(), machine);
             }
         }
-        let outages: Vec<Outage> = self.shared.book().outages().to_vec();
+
         for (i, machines) in routed.into_iter().enumerate() {
             let cluster = &mut self.clusters[i];
             match cluster
@@ -243,7 +268,7 @@ impl Cluster {
             let traits = traits_for(machine, &pools);
             let outage = outages
                 .iter()
-                .find(|o| o.covers(machine.provider, &machine.region));
+                .find(|o| o.covers_node(machine.provider, &machine.region, &machine.node_name));
             let node = node::node_for(machine, &traits, outage);
             match self.nodes.create(&PostParams::default(), &node).await {
                 Ok(_) => {
@@ -436,6 +461,27 @@ fn traits_for(machine: &Machine, pools: &[GpuNodePool]) -> PoolTraits {
         Some(pool) => PoolTraits::of(pool),
         None => PoolTraits::from_tag(machine.pool.as_deref()),
     }
+}
+
+/// Whether a `NeverRegisters` fault keeps `machine` from becoming a Node.
+fn never_registers(fault: &Fault, machine: &Machine) -> bool {
+    let Fault::NeverRegisters {
+        provider,
+        instance_type,
+        zone,
+    } = fault
+    else {
+        return false;
+    };
+    // The zone as the fault names it: the AWS zone, or Azure's "1".."3" (the Node's
+    // zone label is `<region>-<zone>`).
+    let machine_zone = match machine.provider {
+        Provider::Aws => machine.zone_label.as_str(),
+        Provider::Azure => machine.zone_label.rsplit('-').next().unwrap_or_default(),
+    };
+    *provider == machine.provider
+        && matches(instance_type, &machine.instance_type)
+        && matches(zone, machine_zone)
 }
 
 #[cfg(test)]

@@ -202,7 +202,10 @@ pub fn outage_of<'a>(node: &Node, outages: &'a [Outage]) -> Option<&'a Outage> {
         _ => return None,
     };
     let region = labels.get(REGION_LABEL)?;
-    outages.iter().find(|o| o.covers(provider, region))
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    outages
+        .iter()
+        .find(|o| o.covers_node(provider, region, name))
 }
 
 fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
@@ -290,6 +293,7 @@ mod tests {
             provider: Provider::Aws,
             region: region.map(String::from),
             api: false,
+            node: None,
         }
     }
 

@@ -147,7 +147,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         .iter()
         .map(|(pool, (n, _))| (pool.clone(), *n))
         .collect();
-    let targets = targets(plan, current, ready, &view.health, &doomed);
+    let (targets, released) = targets(plan, current, ready, &view.health, &doomed);
 
     let mut grow = Vec::new();
     let mut then = Vec::new();
@@ -222,17 +222,19 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
     );
     let status = (!same_status(md.status.as_ref(), &desired)).then_some(desired);
     let mut notes = notes;
-    for (pool, (n, noticed)) in &doomed_since {
-        let now_there = current.get(pool).copied().unwrap_or(0);
-        let after = targets.get(pool).copied().unwrap_or(0);
-        if after < now_there {
+    for (pool, &gone) in &released {
+        let Some((n, noticed)) = doomed_since.get(pool) else {
+            continue;
+        };
+        let shrinks =
+            targets.get(pool).copied().unwrap_or(0) < current.get(pool).copied().unwrap_or(0);
+        if gone > 0 && shrinks {
             notes.push(Note {
                 warning: false,
                 reason: "Replaced",
                 message: format!(
-                    "replacements Ready {:.1} s after the interruption notice: {} of the {n} replica(s) on interrupted nodes of pool {pool} go ({})",
+                    "replacements Ready {:.1} s after the interruption notice: {gone} of the {n} replica(s) on interrupted nodes of pool {pool} go ({})",
                     now.duration_since(*noticed).as_secs_f64(),
-                    now_there - after,
                     describe(&targets)
                 ),
             });
@@ -294,14 +296,15 @@ fn same_status(current: Option<&ModelDeploymentStatus>, desired: &ModelDeploymen
 /// Replicas on doomed nodes (`doomed`, per pool: an interruption notice came, the
 /// deadline has not) count as Ready nowhere, and each stays, on top of the plan,
 /// while the deployment is short of other Ready replicas: the replacement comes
-/// first, wherever the plan puts it, even in the same pool.
+/// first, wherever the plan puts it, even in the same pool. Also returns, per
+/// pool, the doomed replicas let go (their replacements are Ready).
 pub fn targets(
     plan: &placement::Plan,
     current: &BTreeMap<String, u32>,
     ready: &BTreeMap<String, u32>,
     health: &BTreeMap<String, Health>,
     doomed: &BTreeMap<String, u32>,
-) -> BTreeMap<String, u32> {
+) -> (BTreeMap<String, u32>, BTreeMap<String, u32>) {
     let mut targets: BTreeMap<String, u32> = plan
         .placements
         .iter()
@@ -334,15 +337,16 @@ pub fn targets(
             }
         }
     }
+    let mut released = BTreeMap::new();
     for (pool, &n) in doomed {
-        if short == 0 {
-            break;
-        }
         let keep = n.min(short);
         short -= keep;
-        *targets.entry(pool.clone()).or_default() += keep;
+        if keep > 0 {
+            *targets.entry(pool.clone()).or_default() += keep;
+        }
+        released.insert(pool.clone(), n - keep);
     }
-    targets
+    (targets, released)
 }
 
 fn describe(counts: &BTreeMap<String, u32>) -> String {

@@ -314,7 +314,7 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
     ]);
     let not_ready = ab(3, 1);
     assert_eq!(
-        targets(&plan, &current, &not_ready, &health, &none),
+        targets(&plan, &current, &not_ready, &health, &none).0,
         ab(3, 3),
         "b grows; a keeps its 3 while b's new replicas are not Ready"
     );
@@ -322,15 +322,18 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
     // only 1 is Ready: a still keeps its 3.
     let grown = ab(3, 3);
     assert_eq!(
-        targets(&plan, &grown, &not_ready, &health, &none),
+        targets(&plan, &grown, &not_ready, &health, &none).0,
         ab(3, 3),
         "a grown child that is not Ready yet does not let a shrink"
     );
     // One of b's new replicas Ready: a gives up one.
     let one_more = ab(3, 2);
-    assert_eq!(targets(&plan, &grown, &one_more, &health, &none), ab(2, 3));
+    assert_eq!(
+        targets(&plan, &grown, &one_more, &health, &none).0,
+        ab(2, 3)
+    );
     let ready = ab(3, 3);
-    assert_eq!(targets(&plan, &grown, &ready, &health, &none), ab(1, 3));
+    assert_eq!(targets(&plan, &grown, &ready, &health, &none).0, ab(1, 3));
     // b back from an outage and reporting its 3 Ready: not trusted until the
     // rebalance window ends, so a keeps its 3.
     let b_back = BTreeMap::from([
@@ -343,14 +346,14 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
         ),
     ]);
     assert_eq!(
-        targets(&plan, &grown, &ready, &b_back, &none),
+        targets(&plan, &grown, &ready, &b_back, &none).0,
         ab(3, 3),
         "a pool back from an outage does not let others shrink"
     );
     // a keeps only Ready replicas: ones still starting there help nobody.
     let a_starting = ab(1, 1);
     assert_eq!(
-        targets(&plan, &grown, &a_starting, &health, &none),
+        targets(&plan, &grown, &a_starting, &health, &none).0,
         ab(1, 3)
     );
 }
@@ -387,25 +390,26 @@ fn a_doomed_replica_stays_until_its_replacement_is_ready() {
     let one_doomed_in_a = BTreeMap::from([("a".to_string(), 1)]);
     // a ran 2, one of them on a doomed node; the plan moves it to b.
     let plan = plan_of(1, 2);
+    let a_released = |n: u32| BTreeMap::from([("a".to_string(), n)]);
     assert_eq!(
         targets(&plan, &ab(2, 1), &ab(2, 1), &health, &one_doomed_in_a),
-        ab(2, 2),
+        (ab(2, 2), a_released(0)),
         "the doomed replica stays while b's new one is not Ready"
     );
     assert_eq!(
         targets(&plan, &ab(2, 2), &ab(2, 2), &health, &one_doomed_in_a),
-        ab(1, 2),
+        (ab(1, 2), a_released(1)),
         "b's replacement is Ready: a lets the doomed one go"
     );
     // The plan keeps a's count (another node of a has room): a surges by one.
     let plan = plan_of(2, 1);
     assert_eq!(
-        targets(&plan, &ab(2, 1), &ab(2, 1), &health, &one_doomed_in_a),
+        targets(&plan, &ab(2, 1), &ab(2, 1), &health, &one_doomed_in_a).0,
         ab(3, 1),
         "the replacement in the same pool comes first"
     );
     assert_eq!(
-        targets(&plan, &ab(3, 1), &ab(3, 1), &health, &one_doomed_in_a),
+        targets(&plan, &ab(3, 1), &ab(3, 1), &health, &one_doomed_in_a).0,
         ab(2, 1)
     );
 }
