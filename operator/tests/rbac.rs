@@ -129,7 +129,7 @@ const USED: &[Use] = &[
         resource: "pods",
         verbs: &["delete"],
         file: "controller/apply.rs",
-        code: "pods.delete(name, &DeleteParams::default().grace_period(0))",
+        code: ".delete(name, &DeleteParams::default().grace_period(0))",
     },
     Use {
         scope: Scope::Cluster,
