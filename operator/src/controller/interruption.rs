@@ -130,7 +130,10 @@ async fn handle(ctx: &Context, body: &str) -> Result<(), Error> {
             for id in &instances {
                 match ours(&inventory, id) {
                     Some((pool, node)) => {
-                        mark(ctx, pool, node, interruption).await?;
+                        if !mark(ctx, pool, node, interruption).await? {
+                            ctx.metrics
+                                .interruption("aws", interruption.kind.as_str(), "already");
+                        }
                     }
                     None => {
                         tracing::info!(instance = %id, kind = interruption.kind.as_str(), nodes = inventory.nodes.len(), "interruption notice for an instance that is no node of a pool: deleted");
@@ -176,13 +179,13 @@ fn ours<'a>(inventory: &'a Inventory, instance: &str) -> Option<(&'a GpuNodePool
 
 /// Marks a doomed node: the typed mark and the cordon, the lowest deletion cost on
 /// its pods, reclaimed capacity as an offering backoff, an Event and the metric.
-/// Marking a node that has the same mark already does nothing.
+/// A node marked already is left as it is: false.
 pub async fn mark(
     ctx: &Context,
     pool: &GpuNodePool,
     node: &NodeFacts,
     interruption: Interruption,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let provider = pool.spec.provider;
     let marked = ctx
         .stores
@@ -195,9 +198,7 @@ pub async fn mark(
                 .and_then(|a| a.get(labels::INTERRUPTION).cloned())
         });
     if marked.is_some() {
-        ctx.metrics
-            .interruption(provider.as_str(), interruption.kind.as_str(), "already");
-        return Ok(());
+        return Ok(false);
     }
     let patch = serde_json::json!({
         "metadata": {"annotations": {labels::INTERRUPTION: interruption.to_annotation()}},
@@ -266,5 +267,5 @@ pub async fn mark(
         ),
     )
     .await;
-    Ok(())
+    Ok(true)
 }
