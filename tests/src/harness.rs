@@ -79,29 +79,43 @@ impl Moto {
         let bin = tokio::task::spawn_blocking(moto_bin)
             .await
             .map_err(|e| MotoError::Install(e.to_string()))??;
-        let port = free_port().map_err(MotoError::Port)?;
         let path = bin.join("moto_server");
-        let child = Command::new(&path)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| MotoError::Spawn { path, source })?;
-        let url = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let deadline = Instant::now() + MOTO_START;
-        while Instant::now() < deadline {
-            let probe = http
-                .get(format!("{url}/moto-api/"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await;
-            if probe.is_ok_and(|r| r.status().is_success()) {
-                return Ok(Moto { url, _child: child });
+        let mut url = String::new();
+        // A moto that exits at once lost its port to another listener: another port.
+        for _ in 0..3 {
+            let port = free_port().map_err(MotoError::Port)?;
+            let mut child = Command::new(&path)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|source| MotoError::Spawn {
+                    path: path.clone(),
+                    source,
+                })?;
+            url = format!("http://127.0.0.1:{port}");
+            while Instant::now() < deadline {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                let probe = http
+                    .get(format!("{url}/moto-api/"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                // Ours only while our child still runs: the answer could come from
+                // whoever holds the port.
+                if probe.is_ok_and(|r| r.status().is_success())
+                    && matches!(child.try_wait(), Ok(None))
+                {
+                    return Ok(Moto { url, _child: child });
+                }
+                tokio::time::sleep(POLL).await;
             }
-            tokio::time::sleep(POLL).await;
         }
         Err(MotoError::NotReady { url })
     }
@@ -111,10 +125,27 @@ impl Moto {
     }
 }
 
-/// A loopback port nothing listens on right now.
+/// A loopback port nothing listens on right now, and that no other caller in this
+/// process was given. The OS may hand a port just released to the next bind, so two
+/// tests starting a moto at once could both get it; the second moto would then
+/// fail to bind and its test would talk to the first one's.
 pub fn free_port() -> std::io::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Bounded: the ephemeral range has thousands of ports, and a process asks for
+    // a few dozen.
+    for _ in 0..100 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no loopback port that this process was not given already",
+    ))
 }
 
 /// Checks `condition` until it yields a value, and panics naming `what` when
