@@ -335,7 +335,7 @@ async fn replaced_before_the_deadline(
     (doomed_pool, other_pool, replacement_pool): (&str, &str, &str),
     interrupt: impl Fn(&str) -> Value,
     what: &str,
-) -> f64 {
+) {
     let client = &scene.client;
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &model(2))
@@ -418,7 +418,6 @@ async fn replaced_before_the_deadline(
     api.delete("llm", &DeleteParams::default())
         .await
         .expect("ModelDeployment deleted");
-    seconds
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -442,7 +441,7 @@ async fn a_spot_interruption_is_replaced_before_the_deadline() {
     .await;
     let operator = scene.operator("lifecycle-spot").await;
     let ns = TestNamespace::new(&scene.client, "spot").await;
-    let seconds = replaced_before_the_deadline(
+    replaced_before_the_deadline(
         &scene,
         &ns,
         &operator,
@@ -451,7 +450,6 @@ async fn a_spot_interruption_is_replaced_before_the_deadline() {
         "spot interruption (20 s notice)",
     )
     .await;
-    assert!(seconds > 0.0);
     ns.delete().await;
     scene.delete().await;
     operator.stop().await;
@@ -478,7 +476,7 @@ async fn an_azure_preempt_is_replaced_before_the_deadline() {
     .await;
     let operator = scene.operator("lifecycle-preempt").await;
     let ns = TestNamespace::new(&scene.client, "preempt").await;
-    let seconds = replaced_before_the_deadline(
+    replaced_before_the_deadline(
         &scene,
         &ns,
         &operator,
@@ -487,7 +485,6 @@ async fn an_azure_preempt_is_replaced_before_the_deadline() {
         "Azure Preempt (15 s notice)",
     )
     .await;
-    assert!(seconds > 0.0);
     ns.delete().await;
     scene.delete().await;
     operator.stop().await;
