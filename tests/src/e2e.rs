@@ -106,6 +106,38 @@ pub async fn terminate_pool_instances(ec2: &aws_sdk_ec2::Client, pool: &str) {
     }
 }
 
+/// Live (pending or running) EC2 instances tagged `outrigger.dev/pool=pool`, sorted;
+/// `None` when EC2 cannot be listed.
+pub async fn live_instances(ec2: &aws_sdk_ec2::Client, pool: &str) -> Option<Vec<String>> {
+    use aws_sdk_ec2::types::Filter;
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:outrigger.dev/pool")
+                .values(pool)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .ok()?;
+    let mut ids: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    ids.sort();
+    Some(ids)
+}
+
 /// A short random suffix for names, so tests never collide.
 pub fn suffix() -> String {
     let nanos = std::time::SystemTime::now()

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{Filter, InstanceType, RequestLaunchTemplateData};
+use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -164,35 +164,6 @@ async fn capacity_available(api: &Api<GpuNodePool>, name: &str) -> Option<String
         .map(|c| c.status)
 }
 
-/// Live (pending or running) EC2 instances tagged for the pool.
-async fn live_ec2(ec2: &aws_sdk_ec2::Client, pool: &str) -> Option<Vec<String>> {
-    let out = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:outrigger.dev/pool")
-                .values(pool)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .send()
-        .await
-        .ok()?;
-    Some(
-        out.reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .filter_map(|i| i.instance_id().map(str::to_string))
-            .collect(),
-    )
-}
-
 /// VMs of the pool's scale set in the simulator.
 async fn live_vms(sim: &SimClouds, scale_set: &str) -> Option<usize> {
     let state = sim.control.state().await;
@@ -224,7 +195,7 @@ async fn settled_at(
 ) -> bool {
     let pool_api: Api<GpuNodePool> = Api::all(client.clone());
     let cloud = (
-        live_ec2(ec2, &pools.aws).await.map(|v| v.len()),
+        e2e::live_instances(ec2, &pools.aws).await.map(|v| v.len()),
         live_vms(sim, &pools.azure).await,
     );
     let nodes = (
@@ -260,7 +231,7 @@ async fn delete_pools(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Clien
                     return None;
                 }
             }
-            let aws = live_ec2(ec2, &pools.aws).await?;
+            let aws = e2e::live_instances(ec2, &pools.aws).await?;
             let vms = live_vms(sim, &pools.azure).await?;
             (aws.is_empty() && vms == 0).then_some(())
         },

@@ -328,14 +328,17 @@ async fn backoff_reason(client: &Client, pool: &str) -> Option<String> {
 /// an interruption with `notice` on the doomed pool's node (given by `interrupt`);
 /// the replacement Ready on `replacement_pool` while the doomed node still exists;
 /// the doomed node gone at the deadline; the fewest Ready pods seen never under 2.
+/// It runs its own operator and namespace (named after `identity`), and removes them
+/// and `scene` after.
 async fn replaced_before_the_deadline(
-    scene: &Scene,
-    ns: &TestNamespace,
-    operator: &Operator,
+    scene: Scene,
+    identity: &str,
     (doomed_pool, other_pool, replacement_pool): (&str, &str, &str),
     interrupt: impl Fn(&str) -> Value,
     what: &str,
 ) {
+    let operator = scene.operator(&format!("lifecycle-{identity}")).await;
+    let ns = TestNamespace::new(&scene.client, identity).await;
     let client = &scene.client;
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     api.create(&PostParams::default(), &model(2))
@@ -418,6 +421,9 @@ async fn replaced_before_the_deadline(
     api.delete("llm", &DeleteParams::default())
         .await
         .expect("ModelDeployment deleted");
+    ns.delete().await;
+    scene.delete().await;
+    operator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -439,20 +445,14 @@ async fn a_spot_interruption_is_replaced_before_the_deadline() {
         PoolDef::new(&azure, "azure", "1", 20.0),
     ])
     .await;
-    let operator = scene.operator("lifecycle-spot").await;
-    let ns = TestNamespace::new(&scene.client, "spot").await;
     replaced_before_the_deadline(
-        &scene,
-        &ns,
-        &operator,
+        scene,
+        "spot",
         (&spot, &azure, &od),
         |node| json!({"provider": "aws", "instanceId": node, "kind": "spot", "noticeSeconds": 20}),
         "spot interruption (20 s notice)",
     )
     .await;
-    ns.delete().await;
-    scene.delete().await;
-    operator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -474,20 +474,14 @@ async fn an_azure_preempt_is_replaced_before_the_deadline() {
         PoolDef::new(&aws, "aws", "us-east-1c", 20.0),
     ])
     .await;
-    let operator = scene.operator("lifecycle-preempt").await;
-    let ns = TestNamespace::new(&scene.client, "preempt").await;
     replaced_before_the_deadline(
-        &scene,
-        &ns,
-        &operator,
+        scene,
+        "preempt",
         (&spot, &aws, &od),
         |node| json!({"provider": "azure", "node": node, "kind": "preempt", "noticeSeconds": 15}),
         "Azure Preempt (15 s notice)",
     )
     .await;
-    ns.delete().await;
-    scene.delete().await;
-    operator.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -554,37 +548,6 @@ async fn bad_queue_messages_are_deleted_and_counted() {
     assert!(!operator.exited(), "the operator keeps running");
     scene.delete().await;
     operator.stop().await;
-}
-
-/// Live (pending or running) EC2 instances tagged for `pool`.
-async fn live_instances(ec2: &aws_sdk_ec2::Client, pool: &str) -> Option<Vec<String>> {
-    use aws_sdk_ec2::types::Filter;
-    let out = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:outrigger.dev/pool")
-                .values(pool)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .build(),
-        )
-        .send()
-        .await
-        .ok()?;
-    let mut ids: Vec<String> = out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.instance_id().map(str::to_string))
-        .collect();
-    ids.sort();
-    Some(ids)
 }
 
 /// Names of the pool's Ready Nodes.
@@ -684,7 +647,9 @@ async fn a_broken_node_is_repaired_and_an_outage_is_not() {
     );
 
     // The whole pool's region down: an outage, nothing is terminated.
-    let before = live_instances(&ec2, &aws).await.expect("instances listed");
+    let before = e2e::live_instances(&ec2, &aws)
+        .await
+        .expect("instances listed");
     scene
         .sim
         .control
@@ -701,7 +666,9 @@ async fn a_broken_node_is_repaired_and_an_outage_is_not() {
         },
     )
     .await;
-    let after = live_instances(&ec2, &aws).await.expect("instances listed");
+    let after = e2e::live_instances(&ec2, &aws)
+        .await
+        .expect("instances listed");
     assert_eq!(before, after, "an outage terminated instances");
     assert_eq!(
         operator.metric("outrigger_repairs_total").await,
@@ -755,7 +722,7 @@ async fn a_launch_that_never_registers_is_terminated_and_the_replica_lands_elsew
     wait_for(
         &format!("an instance launched for {stuck}"),
         DEADLINE,
-        || async { (!live_instances(&ec2, &stuck).await?.is_empty()).then_some(()) },
+        || async { (!e2e::live_instances(&ec2, &stuck).await?.is_empty()).then_some(()) },
     )
     .await;
     let launched = Instant::now();
@@ -764,7 +731,7 @@ async fn a_launch_that_never_registers_is_terminated_and_the_replica_lands_elsew
         &format!("the stuck instance terminated, llm Ready on {other} and {azure}"),
         DEADLINE,
         || async {
-            let none_left = live_instances(&ec2, &stuck).await?.is_empty();
+            let none_left = e2e::live_instances(&ec2, &stuck).await?.is_empty();
             (none_left && ready_per_pool(client, &ns.name).await == want).then_some(())
         },
     )

@@ -170,6 +170,10 @@ pub struct Inventory {
     /// every pool's status, and from capacity reclaimed just now (`reclaimed`).
     /// Every pool with that offering stops growing until it ends.
     backoffs: BTreeMap<String, CapacityBackoff>,
+    /// Per pool (by index), its offering's key.
+    offerings: Vec<String>,
+    /// Offerings a node of which is being reclaimed (spot, Preempt).
+    reclaimed: std::collections::BTreeSet<String>,
 }
 
 /// What a backoff is shared by: provider, instance type, zone and capacity type.
@@ -497,6 +501,15 @@ impl Inventory {
                 later(&mut backoffs, pool.spec.provider, b.clone());
             }
         }
+        let offerings: Vec<String> = pools
+            .iter()
+            .map(|p| offering_key(p.spec.provider, &offering_of(p)))
+            .collect();
+        let reclaimed = facts
+            .iter()
+            .filter(|n| n.interruption.is_some_and(|i| i.kind.reclaims_capacity()))
+            .filter_map(|n| offerings.get(n.pool?).cloned())
+            .collect();
         Inventory {
             pools,
             nodes: facts,
@@ -507,6 +520,8 @@ impl Inventory {
             by_pool_name,
             by_node_name,
             backoffs,
+            offerings,
+            reclaimed,
         }
     }
 
@@ -522,25 +537,15 @@ impl Inventory {
     /// interruption, a Preempt): the offering is short now, before the backoff the
     /// interruption starts is recorded.
     pub fn offering_reclaimed(&self, pool: usize) -> bool {
-        let Some(p) = self.pools.get(pool) else {
-            return false;
-        };
-        let key = offering_key(p.spec.provider, &offering_of(p));
-        self.nodes.iter().any(|n| {
-            let reclaimed = n.interruption.is_some_and(|i| i.kind.reclaims_capacity());
-            reclaimed
-                && n.pool
-                    .and_then(|j| self.pools.get(j))
-                    .is_some_and(|q| offering_key(q.spec.provider, &offering_of(q)) == key)
-        })
+        self.offerings
+            .get(pool)
+            .is_some_and(|key| self.reclaimed.contains(key))
     }
 
     /// The backoff of pool `pool`'s offering that ends last, whichever pool (or
     /// interruption) it came from.
     pub fn offering_backoff(&self, pool: usize) -> Option<&CapacityBackoff> {
-        let p = self.pools.get(pool)?;
-        self.backoffs
-            .get(&offering_key(p.spec.provider, &offering_of(p)))
+        self.backoffs.get(self.offerings.get(pool)?)
     }
 
     pub fn pool_index(&self, name: &str) -> Option<usize> {

@@ -160,6 +160,33 @@ fn ab(a: u32, b: u32) -> BTreeMap<String, u32> {
     BTreeMap::from([("a".to_string(), a), ("b".to_string(), b)])
 }
 
+/// A plan of `a` replicas on pool a (aws) and `b` on pool b (azure), every rule met.
+fn plan_ab(a: u32, b: u32) -> placement::Plan {
+    placement::Plan {
+        placements: [("a", "aws", a), ("b", "azure", b)]
+            .into_iter()
+            .filter(|(_, _, n)| *n > 0)
+            .map(|(pool, provider, replicas)| placement::Placement {
+                pool: pool.into(),
+                provider: provider.into(),
+                region: "r".into(),
+                zone: None,
+                replicas,
+            })
+            .collect(),
+        placed: a + b,
+        unplaced: 0,
+        diversified: true,
+        satisfied: true,
+        moved: 0,
+        cost_per_hour: 0.0,
+        explanation: Vec::new(),
+        rules: Vec::new(),
+        unplaced_reason: None,
+        score: Vec::new(),
+    }
+}
+
 fn two_pools() -> Vec<Arc<GpuNodePool>> {
     vec![pool("aws-a", "aws"), pool("azure-a", "azure")]
 }
@@ -278,34 +305,7 @@ fn a_lost_pool_fails_over_growth_first_and_the_clock_ends_when_all_are_ready() {
 
 #[test]
 fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
-    let plan = placement::Plan {
-        placements: vec![
-            placement::Placement {
-                pool: "a".into(),
-                provider: "aws".into(),
-                region: "r".into(),
-                zone: None,
-                replicas: 1,
-            },
-            placement::Placement {
-                pool: "b".into(),
-                provider: "azure".into(),
-                region: "r".into(),
-                zone: None,
-                replicas: 3,
-            },
-        ],
-        placed: 4,
-        unplaced: 0,
-        diversified: true,
-        satisfied: true,
-        moved: 0,
-        cost_per_hour: 0.0,
-        explanation: Vec::new(),
-        rules: Vec::new(),
-        unplaced_reason: None,
-        score: Vec::new(),
-    };
+    let plan = plan_ab(1, 3);
     let none = BTreeMap::new();
     let current = ab(3, 1);
     let health = BTreeMap::from([
@@ -360,36 +360,13 @@ fn a_healthy_pool_keeps_its_replicas_until_the_moved_ones_are_ready() {
 
 #[test]
 fn a_doomed_replica_stays_until_its_replacement_is_ready() {
-    let plan_of = |a: u32, b: u32| placement::Plan {
-        placements: [("a", "aws", a), ("b", "azure", b)]
-            .into_iter()
-            .filter(|(_, _, n)| *n > 0)
-            .map(|(pool, provider, replicas)| placement::Placement {
-                pool: pool.into(),
-                provider: provider.into(),
-                region: "r".into(),
-                zone: None,
-                replicas,
-            })
-            .collect(),
-        placed: a + b,
-        unplaced: 0,
-        diversified: true,
-        satisfied: true,
-        moved: 0,
-        cost_per_hour: 0.0,
-        explanation: Vec::new(),
-        rules: Vec::new(),
-        unplaced_reason: None,
-        score: Vec::new(),
-    };
     let health = BTreeMap::from([
         ("a".to_string(), Health::Healthy),
         ("b".to_string(), Health::Healthy),
     ]);
     let one_doomed_in_a = BTreeMap::from([("a".to_string(), 1)]);
     // a ran 2, one of them on a doomed node; the plan moves it to b.
-    let plan = plan_of(1, 2);
+    let plan = plan_ab(1, 2);
     let a_released = |n: u32| BTreeMap::from([("a".to_string(), n)]);
     assert_eq!(
         targets(&plan, &ab(2, 1), &ab(2, 1), &health, &one_doomed_in_a),
@@ -402,7 +379,7 @@ fn a_doomed_replica_stays_until_its_replacement_is_ready() {
         "b's replacement is Ready: a lets the doomed one go"
     );
     // The plan keeps a's count (another node of a has room): a surges by one.
-    let plan = plan_of(2, 1);
+    let plan = plan_ab(2, 1);
     assert_eq!(
         targets(&plan, &ab(2, 1), &ab(2, 1), &health, &one_doomed_in_a).0,
         ab(3, 1),
