@@ -256,20 +256,53 @@ pub struct LaunchTemplateRef {
     pub version: Option<String>,
 }
 
-/// The Azure VM scale set that holds a pool's nodes.
+/// What holds an Azure pool's nodes: exactly one of a VM scale set
+/// (`scaleSetName`, for self-managed clusters on Azure VMs) and an AKS node pool
+/// (`agentPool`). On AKS use `agentPool`: the scale sets of a node pool belong to
+/// AKS, which refuses or undoes changes made to them directly.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.scaleSetName) != has(self.agentPool)").message("scaling.azure needs exactly one of scaleSetName (a VM scale set) and agentPool (an AKS node pool; use this on AKS)"))]
+#[x_kube(validation = Rule::new("!has(self.scaleSetName) || (has(self.subscriptionId) && has(self.resourceGroup))").message("scaling.azure.scaleSetName needs subscriptionId and resourceGroup (the scale set's)"))]
+#[x_kube(validation = Rule::new("!has(self.agentPool) || has(self.scaleSetName) || (!has(self.subscriptionId) && !has(self.resourceGroup))").message("with scaling.azure.agentPool, set subscriptionId and resourceGroup inside agentPool (the managed cluster's), not beside it"))]
+pub struct AzureScaling {
+    /// Subscription ID (a GUID) that owns the scale set; with `scaleSetName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub subscription_id: Option<String>,
+    /// Resource group of the scale set; with `scaleSetName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 90))]
+    pub resource_group: Option<String>,
+    /// Name of the VM scale set. Outrigger changes its capacity and deletes chosen
+    /// instances; it does not create the scale set. Not for AKS: use `agentPool`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub scale_set_name: Option<String>,
+    /// The AKS node pool (agent pool) of a managed cluster. Outrigger sets its
+    /// `count` and removes chosen nodes with `deleteMachines`; it does not create
+    /// the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pool: Option<AgentPoolRef>,
+}
+
+/// An AKS agent pool, by its managed cluster.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AzureScaling {
-    /// Subscription ID (a GUID) that owns the scale set.
+pub struct AgentPoolRef {
+    /// Subscription ID (a GUID) of the managed cluster.
     #[schemars(length(min = 1, max = 64))]
     pub subscription_id: String,
-    /// Resource group of the scale set.
+    /// Resource group of the managed cluster (not its node resource group `MC_...`).
     #[schemars(length(min = 1, max = 90))]
     pub resource_group: String,
-    /// Name of the scale set. Outrigger changes its capacity and deletes chosen
-    /// instances; it does not create the scale set.
-    #[schemars(length(min = 1, max = 64))]
-    pub scale_set_name: String,
+    /// Name of the managed cluster.
+    #[schemars(length(min = 1, max = 63))]
+    pub cluster: String,
+    /// Name of the agent pool (`az aks nodepool list`): 1-12 lowercase letters and
+    /// digits, starting with a letter.
+    #[schemars(length(min = 1, max = 12), pattern(r"^[a-z][a-z0-9]{0,11}$"))]
+    pub name: String,
 }
 
 /// Observed state of a GpuNodePool, written by Outrigger.

@@ -21,8 +21,9 @@ mod provider;
 mod schema;
 
 pub use gpu_node_pool::{
-    AwsScaling, AzureScaling, CapacityBackoff, GpuCounts, GpuNodePool, GpuNodePoolSpec,
-    GpuNodePoolStatus, LaunchTemplateRef, NodeRange, NodeRepair, Offering, PoolGpu, Scaling,
+    AgentPoolRef, AwsScaling, AzureScaling, CapacityBackoff, GpuCounts, GpuNodePool,
+    GpuNodePoolSpec, GpuNodePoolStatus, LaunchTemplateRef, NodeRange, NodeRepair, Offering,
+    PoolGpu, Scaling,
 };
 pub use model_deployment::{
     FailoverSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, PlacementSpec,
@@ -60,6 +61,10 @@ pub mod condition {
     pub const CAPACITY_AVAILABLE: &str = "CapacityAvailable";
     /// GpuNodePool: the cloud API answers.
     pub const CLOUD_REACHABLE: &str = "CloudReachable";
+    /// GpuNodePool: the pool's cloud resource takes changes. False while an
+    /// operation someone else started runs on it, or its size was changed elsewhere
+    /// (an AKS agent pool); Outrigger waits then instead of overriding it.
+    pub const CLOUD_RESOURCE_READY: &str = "CloudResourceReady";
     /// GpuNodePool: broken nodes may be replaced now (False during an outage, or
     /// with repair off).
     pub const NODE_REPAIR: &str = "NodeRepair";

@@ -46,6 +46,19 @@ fn azure_pool() -> Value {
     })
 }
 
+fn aks_pool() -> Value {
+    with(
+        azure_pool(),
+        "/spec/scaling/azure",
+        Some(json!({"agentPool": {
+            "subscriptionId": "00000000-0000-0000-0000-000000000000",
+            "resourceGroup": "llm",
+            "cluster": "aks-east",
+            "name": "h100",
+        }})),
+    )
+}
+
 fn deployment() -> Value {
     json!({
         "apiVersion": "outrigger.dev/v1alpha1",
@@ -116,6 +129,7 @@ fn valid_pools_pass() {
     for pool in [
         aws_pool(),
         azure_pool(),
+        aks_pool(),
         without_scaling,
         without_zone,
         own_selector,
@@ -162,6 +176,30 @@ fn pool_rules_refuse_mistakes() {
                 Some(json!({"aws": aws_block})),
             ),
             "provider is azure, so scaling must set scaling.azure",
+        ),
+        (
+            with(
+                azure_pool(),
+                "/spec/scaling/azure/agentPool",
+                Some(aks_pool()["spec"]["scaling"]["azure"]["agentPool"].clone()),
+            ),
+            "scaling.azure needs exactly one of scaleSetName (a VM scale set) and agentPool",
+        ),
+        (
+            with(aks_pool(), "/spec/scaling/azure/agentPool", None),
+            "scaling.azure needs exactly one of scaleSetName (a VM scale set) and agentPool",
+        ),
+        (
+            with(azure_pool(), "/spec/scaling/azure/resourceGroup", None),
+            "scaling.azure.scaleSetName needs subscriptionId and resourceGroup",
+        ),
+        (
+            with(
+                aks_pool(),
+                "/spec/scaling/azure/resourceGroup",
+                Some(json!("llm")),
+            ),
+            "with scaling.azure.agentPool, set subscriptionId and resourceGroup inside agentPool",
         ),
         (
             with(azure_pool(), "/spec/zone", Some(json!("eastus-1"))),
@@ -368,5 +406,5 @@ fn rules_compile_and_fit_the_cost_budget() {
     walk(&pool_schema(), "", &mut rules);
     walk(&deployment_schema(), "", &mut rules);
     walk(&peer_schema(), "", &mut rules);
-    assert_eq!(rules, 18, "a rule was added or lost; update the CEL tests");
+    assert_eq!(rules, 21, "a rule was added or lost; update the CEL tests");
 }

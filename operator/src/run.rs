@@ -84,6 +84,11 @@ pub struct CloudArgs {
     /// Another Azure Resource Manager endpoint (the simulator).
     #[arg(long)]
     azure_endpoint_url: Option<String>,
+    /// A PEM file of CA certificates the Azure endpoint's certificate may chain to,
+    /// besides the public roots: a private endpoint's CA, or the local cluster's
+    /// for the simulator. Chart: cloud.azure.caBundle.
+    #[arg(long, env = "OUTRIGGER_AZURE_CA_FILE", value_parser = ca_file)]
+    azure_ca_file: Option<CaBundle>,
     /// A fixed Azure bearer token (the simulator); without it, a client secret or
     /// workload identity from the AZURE_* environment.
     #[arg(long, env = "OUTRIGGER_AZURE_TOKEN", hide_env_values = true)]
@@ -118,6 +123,21 @@ fn queue_url(url: &str) -> Result<String, String> {
     }
 }
 
+/// The contents of `--azure-ca-file`, read and checked when the flags are parsed.
+#[derive(Clone, Debug)]
+pub struct CaBundle(Vec<u8>);
+
+fn ca_file(path: &str) -> Result<CaBundle, String> {
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read {path}: {e}; give a PEM file of CA certificates"))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!(
+            "{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give the CA bundle in PEM"
+        ));
+    }
+    Ok(CaBundle(pem))
+}
+
 fn cluster_name(name: &str) -> Result<String, String> {
     crate::validate::dns_label(name).map_err(String::from)?;
     Ok(name.to_string())
@@ -149,6 +169,7 @@ impl CloudArgs {
             endpoint_url: self.azure_endpoint_url.clone(),
             static_token: self.azure_token.clone(),
             operation_timeout,
+            ca_pem: self.azure_ca_file.as_ref().map(|c| c.0.clone()),
         }) {
             Ok(a) => {
                 Some(Arc::new(Metered::new(a, metrics.clone(), policy)) as Arc<dyn CloudProvider>)

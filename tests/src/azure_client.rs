@@ -1,6 +1,10 @@
 //! What the tests need to point the real Azure SDK at the simulator: a credential
-//! that hands out one fixed token (the simulator takes any).
+//! that hands out one fixed token (the simulator takes any), and an HTTPS client
+//! that trusts the simulator's CA.
 
+use std::sync::Arc;
+
+use azure_core::TransportOptions;
 use azure_core::auth::{AccessToken, TokenCredential};
 
 #[derive(Debug)]
@@ -18,4 +22,19 @@ impl TokenCredential for StaticToken {
     async fn clear_cache(&self) -> azure_core::Result<()> {
         Ok(())
     }
+}
+
+/// A reqwest client that trusts `ca_pem` (the simulator's CA) besides the public
+/// roots, and nothing less: certificates are checked.
+pub fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    for certificate in reqwest::Certificate::from_pem_bundle(ca_pem).expect("a PEM CA bundle") {
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder.build().expect("an HTTPS client")
+}
+
+/// The SDK's transport over [`https_client`].
+pub fn transport(ca_pem: &[u8]) -> TransportOptions {
+    TransportOptions::new(Arc::new(https_client(ca_pem)))
 }

@@ -1,5 +1,5 @@
 //! What the simulated clouds must hold before GpuNodePools can scale in them: the
-//! EC2 launch templates and the Azure scale sets the pools name. A real account has
+//! EC2 launch templates, and the Azure scale sets and AKS agent pools the pools name. A real account has
 //! these made by its owner; here `hack/cluster clouds FILE...` (`outrigger-sim
 //! clouds`) makes them from the pools' manifests, once, and again changes nothing.
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use outrigger_crds::{GpuNodePool, Provider};
 use serde_json::{Value, json};
 
+use crate::azure::agent_pool::AgentPoolFixture;
 use crate::azure::scale_set::ScaleSetFixture;
 use crate::e2e::SimClouds;
 
@@ -21,6 +22,7 @@ pub struct CloudFixtures {
     /// `(region, launch template name)`.
     pub launch_templates: BTreeSet<(String, String)>,
     pub scale_sets: Vec<ScaleSetFixture>,
+    pub agent_pools: Vec<AgentPoolFixture>,
 }
 
 /// Why the fixtures could not be read or made.
@@ -50,8 +52,12 @@ pub enum CloudsError {
         name: String,
         message: String,
     },
-    #[error("failed to create the scale set {name}: {message}")]
-    ScaleSet { name: String, message: String },
+    #[error("failed to create the {what} {name}: {message}")]
+    Azure {
+        what: &'static str,
+        name: String,
+        message: String,
+    },
 }
 
 /// The GpuNodePools in a manifest file; other kinds are skipped.
@@ -94,19 +100,34 @@ pub fn needs(pools: &[GpuNodePool], cluster: Option<&str>) -> CloudFixtures {
                     .launch_templates
                     .insert((pool.spec.region.clone(), aws.launch_template.name.clone()));
             }
-            (Provider::Azure, _, Some(azure)) => fixtures.scale_sets.push(ScaleSetFixture {
-                subscription_id: azure.subscription_id.clone(),
-                resource_group: azure.resource_group.clone(),
-                name: azure.scale_set_name.clone(),
-                location: pool.spec.region.clone(),
-                sku: pool.spec.instance_type.clone(),
-                zones: pool.spec.zone.iter().cloned().collect(),
-                capacity: 0,
-                pool: pool.metadata.name.clone(),
-                cluster: cluster.map(str::to_string),
-                tags: Default::default(),
-                gpus: Some(pool.spec.gpu.count),
-            }),
+            (Provider::Azure, _, Some(azure)) => match (&azure.agent_pool, &azure.scale_set_name) {
+                (Some(aks), _) => fixtures.agent_pools.push(AgentPoolFixture {
+                    subscription_id: aks.subscription_id.clone(),
+                    resource_group: aks.resource_group.clone(),
+                    cluster: aks.cluster.clone(),
+                    name: aks.name.clone(),
+                    location: pool.spec.region.clone(),
+                    vm_size: pool.spec.instance_type.clone(),
+                    zones: pool.spec.zone.iter().cloned().collect(),
+                    count: 0,
+                    pool: pool.metadata.name.clone(),
+                    gpus: Some(pool.spec.gpu.count),
+                }),
+                (None, Some(name)) => fixtures.scale_sets.push(ScaleSetFixture {
+                    subscription_id: azure.subscription_id.clone().unwrap_or_default(),
+                    resource_group: azure.resource_group.clone().unwrap_or_default(),
+                    name: name.clone(),
+                    location: pool.spec.region.clone(),
+                    sku: pool.spec.instance_type.clone(),
+                    zones: pool.spec.zone.iter().cloned().collect(),
+                    capacity: 0,
+                    pool: pool.metadata.name.clone(),
+                    cluster: cluster.map(str::to_string),
+                    tags: Default::default(),
+                    gpus: Some(pool.spec.gpu.count),
+                }),
+                (None, None) => {}
+            },
             _ => {}
         }
     }
@@ -151,27 +172,39 @@ pub async fn create(
         }
     }
     let http = reqwest::Client::new();
-    let url = format!(
-        "{}/azure/scalesets",
-        clouds.control_url.trim_end_matches('/')
-    );
-    for set in &fixtures.scale_sets {
-        let failed = |message: String| CloudsError::ScaleSet {
-            name: set.name.clone(),
+    let base = clouds.control_url.trim_end_matches('/');
+    let azure = fixtures
+        .scale_sets
+        .iter()
+        .map(|s| {
+            (
+                "scalesets",
+                "scale set",
+                s.name.clone(),
+                &s.location,
+                json!(s),
+            )
+        })
+        .chain(fixtures.agent_pools.iter().map(|p| {
+            let name = format!("{}/{}", p.cluster, p.name);
+            ("agentpools", "agent pool", name, &p.location, json!(p))
+        }));
+    for (path, what, name, location, body) in azure {
+        let url = format!("{base}/azure/{path}");
+        let failed = |message: String| CloudsError::Azure {
+            what,
+            name: name.clone(),
             message,
         };
         let response = http
             .post(&url)
-            .json(&json!(set))
+            .json(&body)
             .send()
             .await
             .map_err(|e| failed(format!("the control API at {url} did not answer: {e}")))?;
         match response.status().as_u16() {
-            201 => done.push(format!(
-                "scale set {} ({}): created",
-                set.name, set.location
-            )),
-            409 => done.push(format!("scale set {} ({}): exists", set.name, set.location)),
+            201 => done.push(format!("{what} {name} ({location}): created")),
+            409 => done.push(format!("{what} {name} ({location}): exists")),
             status => {
                 let text = response.text().await.unwrap_or_default();
                 return Err(failed(format!("{status}: {text}")));

@@ -14,6 +14,7 @@
 //! | `GET /capacity`, `PUT /capacity` | `{"provider", "instanceType", "region", "zone", "limit": N or null}` |
 //! | `POST /azure/scalesets` | create a scale set (see [`ScaleSetFixture`]) |
 //! | `DELETE /azure/scalesets/{subscription}/{resourceGroup}/{name}` | delete one, with its VMs |
+//! | `POST /azure/agentpools` | create an AKS agent pool, as a scale set in its node resource group (see [`AgentPoolFixture`]); answers the agent pool and its `scaleSet` |
 //! | `GET /links` | the peer links between clusters (`hack/peers`) and their modes |
 //! | `POST /links/partition` | `{"a": "aws", "b": "azure", "mode": "refuse" or "blackhole"}`: cut both directions |
 //! | `POST /links/heal` | `{"a": "aws", "b": "azure"}` (either or both optional): open the links again |
@@ -38,6 +39,7 @@ use outrigger_crds::Provider;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::azure::agent_pool::{AgentPoolFixture, agent_pool_json};
 use crate::azure::scale_set::{ScaleSetFixture, ScaleSetKey};
 use crate::faults::{CapacityLimit, Fault, Outage};
 use crate::links::LinkMode;
@@ -66,6 +68,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/outage", post(start_outage).delete(end_outage))
         .route("/capacity", get(list_capacity).put(set_capacity))
         .route("/azure/scalesets", post(create_scale_set))
+        .route("/azure/agentpools", post(create_agent_pool))
         .route(
             "/azure/scalesets/{sub}/{rg}/{name}",
             delete(delete_scale_set),
@@ -243,6 +246,25 @@ async fn create_scale_set(
     let body = cloud
         .scale_set(&key)
         .map(crate::azure::resources::scale_set_json);
+    drop(cloud);
+    shared.wake_registrar();
+    Ok((StatusCode::CREATED, Json(json!(body))))
+}
+
+async fn create_agent_pool(
+    State(shared): State<Arc<Shared>>,
+    Json(fixture): Json<AgentPoolFixture>,
+) -> Result<(StatusCode, Json<Value>), ControlError> {
+    let mut cloud = shared.azure();
+    let key = cloud
+        .create_agent_pool(fixture, Instant::now())
+        .map_err(|e| ControlError(e.status, e.message))?;
+    let body = cloud.scale_set(&key).and_then(|set| {
+        let aks = set.aks.as_ref()?;
+        let mut body = agent_pool_json(set, aks);
+        body["scaleSet"] = crate::azure::resources::scale_set_json(set);
+        Some(body)
+    });
     drop(cloud);
     shared.wake_registrar();
     Ok((StatusCode::CREATED, Json(json!(body))))

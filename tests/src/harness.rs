@@ -268,6 +268,12 @@ impl Control {
             .await;
     }
 
+    /// Creates an AKS agent pool (see `AgentPoolFixture`).
+    pub async fn create_agent_pool(&self, fixture: serde_json::Value) {
+        self.call(reqwest::Method::POST, "/azure/agentpools", Some(fixture))
+            .await;
+    }
+
     pub async fn delete_scale_set(&self, subscription: &str, resource_group: &str, name: &str) {
         self.call(
             reqwest::Method::DELETE,

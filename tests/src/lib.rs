@@ -27,6 +27,7 @@ pub mod registrar;
 pub mod service_account;
 pub mod sim_fleet;
 mod simulator;
+pub mod tls;
 
 pub use simulator::{Simulator, SimulatorConfig, StartError};
 pub mod e2e;

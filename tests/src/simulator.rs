@@ -18,6 +18,7 @@ use crate::ec2::query::DEFAULT_REGION;
 use crate::faults::{CapacityError, CapacityLimit, FaultBook};
 use crate::links::{LinkError, LinkSpec, Links};
 use crate::registrar::RegistrarConfig;
+use crate::tls::{self, TlsError, TlsIdentity};
 use crate::{azure, control, ec2, registrar};
 
 /// How the simulator is set up.
@@ -31,6 +32,9 @@ pub struct SimulatorConfig {
     pub control_addr: SocketAddr,
     /// How long an Azure long-running operation takes.
     pub azure_operation_time: Duration,
+    /// The Azure endpoint's server identity: it serves HTTPS, as ARM does; `None`
+    /// serves plain HTTP.
+    pub azure_tls: Option<TlsIdentity>,
     /// AWS regions the registrar lists from the start (others once a request uses them).
     pub aws_regions: Vec<String>,
     /// Capacity limits from the start.
@@ -45,21 +49,23 @@ pub struct SimulatorConfig {
 }
 
 impl SimulatorConfig {
-    /// Everything on free loopback ports, no registrar, 1 s operations.
-    pub fn local(moto_url: &str) -> Self {
+    /// Everything on free loopback ports, no registrar, 1 s operations, Azure on
+    /// HTTPS with a CA made for this simulator ([`Simulator::azure_ca_pem`]).
+    pub fn local(moto_url: &str) -> Result<Self, TlsError> {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        SimulatorConfig {
+        Ok(SimulatorConfig {
             moto_url: moto_url.to_string(),
             ec2_addr: any,
             azure_addr: any,
             control_addr: any,
             azure_operation_time: Duration::from_secs(1),
+            azure_tls: Some(TlsIdentity::generate()?),
             aws_regions: vec![DEFAULT_REGION.to_string()],
             capacity: Vec::new(),
             registrar: None,
             links: Vec::new(),
             cluster_script: None,
-        }
+        })
     }
 }
 
@@ -75,6 +81,8 @@ pub enum StartError {
     Capacity(#[from] CapacityError),
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error("the Azure endpoint's TLS identity: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// How many `RunInstances` requests the launch log keeps.
@@ -159,6 +167,7 @@ impl Shared {
 pub struct Simulator {
     ec2_url: String,
     azure_url: String,
+    azure_ca_pem: Option<Vec<u8>>,
     control_url: String,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -171,13 +180,22 @@ impl Simulator {
         let ec2 = bind(config.ec2_addr).await?;
         let azure_listener = bind(config.azure_addr).await?;
         let control_listener = bind(config.control_addr).await?;
-        let url = |l: &TcpListener| {
+        let url = |l: &TcpListener, scheme: &str| {
             l.local_addr()
-                .map(|a| format!("http://{a}"))
+                .map(|a| format!("{scheme}://{a}"))
                 .unwrap_or_default()
         };
-        let (ec2_url, azure_url, control_url) =
-            (url(&ec2), url(&azure_listener), url(&control_listener));
+        let acceptor = config
+            .azure_tls
+            .as_ref()
+            .map(TlsIdentity::acceptor)
+            .transpose()?;
+        let azure_scheme = if acceptor.is_some() { "https" } else { "http" };
+        let (ec2_url, azure_url, control_url) = (
+            url(&ec2, "http"),
+            url(&azure_listener, azure_scheme),
+            url(&control_listener, "http"),
+        );
 
         let mut book = FaultBook::default();
         for limit in config.capacity {
@@ -207,11 +225,23 @@ impl Simulator {
 
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for (listener, router, name) in [
+        let azure_router = azure::router(shared.clone());
+        let mut plain = vec![
             (ec2, ec2::router(shared.clone()), "ec2"),
-            (azure_listener, azure::router(shared.clone()), "azure"),
             (control_listener, control::router(shared.clone()), "control"),
-        ] {
+        ];
+        match acceptor {
+            Some(acceptor) => {
+                tasks.spawn(tls::serve(
+                    azure_listener,
+                    azure_router,
+                    acceptor,
+                    stop.clone(),
+                ));
+            }
+            None => plain.push((azure_listener, azure_router, "azure")),
+        }
+        for (listener, router, name) in plain {
             let mut stop = stop.clone();
             tasks.spawn(async move {
                 let served = axum::serve(listener, router)
@@ -231,6 +261,7 @@ impl Simulator {
         Ok(Simulator {
             ec2_url,
             azure_url,
+            azure_ca_pem: config.azure_tls.and_then(|t| t.ca_pem),
             control_url,
             shutdown,
             tasks,
@@ -246,6 +277,11 @@ impl Simulator {
     /// The Azure Resource Manager endpoint.
     pub fn azure_url(&self) -> &str {
         &self.azure_url
+    }
+
+    /// The CA that signed the Azure endpoint's certificate, when the simulator made it.
+    pub fn azure_ca_pem(&self) -> Option<&[u8]> {
+        self.azure_ca_pem.as_deref()
     }
 
     /// The control API.

@@ -13,7 +13,7 @@ use azure_mgmt_compute::package_2024_07_01::models::{
 };
 use azure_mgmt_compute::package_2024_07_01::{Client, ClientBuilder};
 use futures::StreamExt;
-use outrigger_tests::azure_client::StaticToken;
+use outrigger_tests::azure_client::{StaticToken, https_client, transport};
 use outrigger_tests::harness::{Control, eventually};
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::{Value, json};
@@ -26,7 +26,7 @@ const OPERATION_DEADLINE: Duration = Duration::from_secs(20);
 
 async fn simulator() -> (Simulator, Control) {
     // The Azure endpoint never calls moto; any address will do.
-    let config = SimulatorConfig::local("http://127.0.0.1:9");
+    let config = SimulatorConfig::local("http://127.0.0.1:9").expect("a TLS identity");
     let sim = Simulator::start(config)
         .await
         .expect("the simulator starts");
@@ -34,10 +34,16 @@ async fn simulator() -> (Simulator, Control) {
     (sim, control)
 }
 
+/// The CA of the simulator's HTTPS endpoint.
+fn ca(sim: &Simulator) -> &[u8] {
+    sim.azure_ca_pem().expect("the simulator made its CA")
+}
+
 fn client(sim: &Simulator, retries: bool) -> Client {
     let endpoint = azure_core::Url::parse(sim.azure_url()).expect("a URL");
-    let mut builder =
-        ClientBuilder::new(Arc::new(StaticToken("outrigger-test-token"))).endpoint(endpoint);
+    let mut builder = ClientBuilder::new(Arc::new(StaticToken("outrigger-test-token")))
+        .endpoint(endpoint)
+        .transport(transport(ca(sim)));
     if !retries {
         builder = builder.retry(RetryOptions::none());
     }
@@ -73,8 +79,8 @@ fn header(response: &azure_core::Response, name: &'static str) -> Option<String>
 
 /// Follows an `Azure-AsyncOperation` URL until the operation leaves `InProgress`;
 /// the final status resource.
-async fn follow(url: &str) -> Value {
-    let http = reqwest::Client::new();
+async fn follow(sim: &Simulator, url: &str) -> Value {
+    let http = https_client(ca(sim));
     eventually("the operation to finish", OPERATION_DEADLINE, || async {
         let status: Value = http
             .get(url)
@@ -90,8 +96,8 @@ async fn follow(url: &str) -> Value {
     .await
 }
 
-async fn status_of(url: &str) -> Value {
-    reqwest::Client::new()
+async fn status_of(sim: &Simulator, url: &str) -> Value {
+    https_client(ca(sim))
         .get(url)
         .bearer_auth("t")
         .send()
@@ -160,10 +166,10 @@ async fn capacity_update_is_a_long_running_operation_with_azure_async_operation(
     assert_eq!(body["properties"]["provisioningState"], "Updating");
     assert_eq!(body["sku"]["capacity"], 3);
 
-    let done = follow(&operation).await;
+    let done = follow(&sim, &operation).await;
     assert_eq!(done["status"], "Succeeded", "{done}");
     assert!(done["endTime"].is_string());
-    let result = reqwest::Client::new()
+    let result = https_client(ca(&sim))
         .get(&location)
         .bearer_auth("t")
         .send()
@@ -233,8 +239,8 @@ async fn delete_instances_is_long_running_and_lowers_capacity() {
         .into_raw_response();
     assert_eq!(response.status(), StatusCode::Accepted);
     let operation = header(&response, "azure-asyncoperation").expect("Azure-AsyncOperation");
-    assert_eq!(status_of(&operation).await["status"], "InProgress");
-    assert_eq!(follow(&operation).await["status"], "Succeeded");
+    assert_eq!(status_of(&sim, &operation).await["status"], "InProgress");
+    assert_eq!(follow(&sim, &operation).await["status"], "Succeeded");
     assert_eq!(vm_ids(&client, "gpu-b").await, ["1"]);
     let set = client
         .virtual_machine_scale_sets_client()
@@ -343,7 +349,7 @@ async fn faults_reach_the_client_with_their_codes() {
     let operation = update(&client, "gpu-c", 3)
         .await
         .expect("accepted, fails later");
-    let failed = follow(&operation).await;
+    let failed = follow(&sim, &operation).await;
     assert_eq!(failed["status"], "Failed");
     assert_eq!(failed["error"]["code"], "ZonalAllocationFailed");
     assert_eq!(
@@ -360,14 +366,14 @@ async fn faults_reach_the_client_with_their_codes() {
         )
         .await;
     let operation = update(&client, "gpu-d", 2).await.expect("accepted");
-    let failed = follow(&operation).await;
+    let failed = follow(&sim, &operation).await;
     assert_eq!(
         failed["error"]["code"], "AllocationFailed",
         "1 + 2 > 2: {failed}"
     );
     let operation = update(&client, "gpu-d", 1).await.expect("accepted");
     assert_eq!(
-        follow(&operation).await["status"],
+        follow(&sim, &operation).await["status"],
         "Succeeded",
         "1 + 1 fits"
     );
@@ -406,7 +412,7 @@ async fn faults_reach_the_client_with_their_codes() {
         .inject(json!({"fault": "OperationFailed", "code": "InternalExecutionError", "times": 1}))
         .await;
     let operation = update(&client, "gpu-c", 2).await.expect("accepted");
-    let failed = follow(&operation).await;
+    let failed = follow(&sim, &operation).await;
     assert_eq!(failed["error"]["code"], "InternalExecutionError");
 
     // A stalled operation stays InProgress past the time an unstalled one takes.
@@ -415,10 +421,10 @@ async fn faults_reach_the_client_with_their_codes() {
         .await;
     let stalled = update(&client, "gpu-c", 2).await.expect("accepted");
     let other = update(&client, "gpu-d", 2).await.expect("accepted");
-    assert_eq!(follow(&other).await["status"], "Succeeded");
-    assert_eq!(status_of(&stalled).await["status"], "InProgress");
+    assert_eq!(follow(&sim, &other).await["status"], "Succeeded");
+    assert_eq!(status_of(&sim, &stalled).await["status"], "InProgress");
     control.clear(&stall).await;
-    assert_eq!(follow(&stalled).await["status"], "Succeeded");
+    assert_eq!(follow(&sim, &stalled).await["status"], "Succeeded");
     assert_eq!(vm_ids(&client, "gpu-c").await.len(), 2);
 
     control
@@ -440,7 +446,7 @@ async fn faults_reach_the_client_with_their_codes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_need_an_api_version_and_a_bearer_token() {
     let (sim, _control) = simulator().await;
-    let http = reqwest::Client::new();
+    let http = https_client(ca(&sim));
     let url = format!(
         "{}/subscriptions/{SUB}/providers/Microsoft.Compute/skus",
         sim.azure_url()

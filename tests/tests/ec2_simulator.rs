@@ -25,7 +25,7 @@ struct Clouds {
 
 async fn clouds() -> Clouds {
     let moto = Moto::start().await.expect("moto starts");
-    let sim = Simulator::start(SimulatorConfig::local(moto.url()))
+    let sim = Simulator::start(SimulatorConfig::local(moto.url()).expect("a TLS identity"))
         .await
         .expect("the simulator starts");
     let control = Control::new(sim.control_url());

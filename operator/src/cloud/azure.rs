@@ -1,8 +1,16 @@
-//! Azure pools on `azure_mgmt_compute`: a pool is a VM scale set. Growing sets
-//! `sku.capacity`; shrinking deletes chosen instances (`deleteInstances`). Both are
-//! long-running operations that we follow ourselves (the crate's `.await` does
-//! not): `.send()`, then poll `Azure-AsyncOperation`, falling back to `Location`,
-//! honouring `Retry-After`, until `Succeeded`, `Failed` or `Canceled`.
+//! Azure pools: a VM scale set (on `azure_mgmt_compute`) or an AKS agent pool.
+//!
+//! - A scale set grows by its `sku.capacity` and shrinks by deleting chosen
+//!   instances (`deleteInstances`).
+//! - An agent pool grows by its `count` (a read, then a PUT of the whole pool with
+//!   the new count, under its ETag) and shrinks by `deleteMachines`. Its instances
+//!   are its machines. These few calls go through azure_core's transport with typed
+//!   bodies ([`aks`]), not the stale `azure_mgmt_containerservice`, which needs an
+//!   azure_core of its own.
+//!
+//! All four changes are long-running operations that we follow ourselves (the
+//! crate's `.await` does not): poll `Azure-AsyncOperation`, falling back to
+//! `Location`, honouring `Retry-After`, until `Succeeded`, `Failed` or `Canceled`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +28,8 @@ use outrigger_crds::Provider;
 use super::{
     CloudError, CloudProvider, ErrorKind, Instance, InstanceState, Launch, Target, TargetScaling,
 };
+
+mod aks;
 
 /// Azure Resource Manager, when no endpoint is given.
 const ARM: &str = "https://management.azure.com";
@@ -42,6 +52,9 @@ pub struct AzureSettings {
     pub static_token: Option<String>,
     /// The most a long-running operation may take before it counts as failed.
     pub operation_timeout: Duration,
+    /// CA certificates (PEM) to trust besides the public roots (`--azure-ca-file`):
+    /// a private endpoint's, or the simulator's.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// A credential that hands out one fixed token.
@@ -94,6 +107,7 @@ fn retry_after(headers: &Headers) -> Option<Duration> {
 
 pub struct Azure {
     client: Client,
+    endpoint: Url,
     credential: Arc<dyn TokenCredential>,
     http: Arc<dyn HttpClient>,
     scope: String,
@@ -110,9 +124,13 @@ impl Azure {
         let scope = endpoint
             .join(azure_core::auth::DEFAULT_SCOPE_SUFFIX)?
             .to_string();
-        let http: Arc<dyn HttpClient> = Arc::new(Transport(azure_core::new_http_client()));
+        let inner: Arc<dyn HttpClient> = match &settings.ca_pem {
+            Some(pem) => Arc::new(client_trusting(pem)?),
+            None => azure_core::new_http_client(),
+        };
+        let http: Arc<dyn HttpClient> = Arc::new(Transport(inner));
         let client = ClientBuilder::new(credential.clone())
-            .endpoint(endpoint)
+            .endpoint(endpoint.clone())
             .scopes(&[&scope])
             // The metered wrapper retries, counting each attempt.
             .retry(RetryOptions::none())
@@ -120,6 +138,7 @@ impl Azure {
             .build()?;
         Ok(Azure {
             client,
+            endpoint,
             credential,
             http,
             scope,
@@ -127,13 +146,9 @@ impl Azure {
         })
     }
 
-    /// Follows a long-running operation from the response that started it.
-    async fn follow(
-        &self,
-        operation: &'static str,
-        started: azure_core::Response,
-    ) -> Result<(), CloudError> {
-        let headers = started.headers();
+    /// Follows a long-running operation from the headers of the answer that
+    /// started it.
+    async fn follow(&self, operation: &'static str, headers: &Headers) -> Result<(), CloudError> {
         let async_operation =
             headers.get_optional_string(&HeaderName::from_static("azure-asyncoperation"));
         let location = headers.get_optional_string(&HeaderName::from_static("location"));
@@ -202,22 +217,32 @@ impl Azure {
         }
     }
 
-    /// One GET of an operation URL: status, headers and body.
-    async fn poll(
+    /// One request with the bearer token, no retries: status, headers and body.
+    async fn send(
         &self,
         operation: &'static str,
+        method: Method,
         url: &Url,
+        headers: &[(&'static str, String)],
+        body: Option<Vec<u8>>,
     ) -> Result<(u16, Headers, Vec<u8>), CloudError> {
         let token = self
             .credential
             .get_token(&[&self.scope])
             .await
             .map_err(|e| azure_error(operation, &e))?;
-        let mut request = Request::new(url.clone(), Method::Get);
+        let mut request = Request::new(url.clone(), method);
         request.insert_header(
             azure_core::headers::AUTHORIZATION,
             format!("Bearer {}", token.token.secret()),
         );
+        for (name, value) in headers {
+            request.insert_header(HeaderName::from_static(name), value.clone());
+        }
+        if let Some(body) = body {
+            request.insert_header(azure_core::headers::CONTENT_TYPE, "application/json");
+            request.set_body(body);
+        }
         let response = self
             .http
             .execute_request(&request)
@@ -231,6 +256,36 @@ impl Azure {
             .to_vec();
         Ok((u16::from(status), headers, body))
     }
+
+    /// One GET of an operation URL: status, headers and body.
+    async fn poll(
+        &self,
+        operation: &'static str,
+        url: &Url,
+    ) -> Result<(u16, Headers, Vec<u8>), CloudError> {
+        self.send(operation, Method::Get, url, &[], None).await
+    }
+}
+
+/// A reqwest client (azure_core's transport) that also trusts the CAs in `pem`.
+fn client_trusting(pem: &[u8]) -> azure_core::Result<reqwest::Client> {
+    let bad = |e: &dyn std::fmt::Display| {
+        azure_core::Error::with_message(azure_core::error::ErrorKind::Other, || {
+            format!("--azure-ca-file: {e}")
+        })
+    };
+    let certificates = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| bad(&e))?;
+    if certificates.is_empty() {
+        return Err(bad(&"no PEM CERTIFICATE block in the file"));
+    }
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        // As azure_core's own client: no idle connections kept (hyper#2312).
+        .pool_max_idle_per_host(0);
+    for certificate in certificates {
+        builder = builder.add_root_certificate(certificate);
+    }
+    builder.build().map_err(|e| bad(&e))
 }
 
 fn scale_set(target: &Target) -> Result<(&str, &str, &str), CloudError> {
@@ -240,11 +295,11 @@ fn scale_set(target: &Target) -> Result<(&str, &str, &str), CloudError> {
             resource_group,
             scale_set,
         } => Ok((subscription_id, resource_group, scale_set)),
-        TargetScaling::Aws { .. } => Err(CloudError::new(
+        _ => Err(CloudError::new(
             ErrorKind::Invalid,
             "scale",
-            "NotAnAzurePool",
-            format!("pool {} has no scaling.azure", target.pool),
+            "NotAScaleSetPool",
+            format!("pool {} has no scaling.azure.scaleSetName", target.pool),
         )),
     }
 }
@@ -257,7 +312,10 @@ pub fn classify(code: &str, status: u16) -> ErrorKind {
         | "AllocationFailed"
         | "OverconstrainedAllocationRequest"
         | "OverconstrainedZonalAllocationRequest" => ErrorKind::InsufficientCapacity,
-        "OperationNotAllowed" | "QuotaExceeded" => ErrorKind::QuotaExceeded,
+        "OperationNotAllowed"
+        | "QuotaExceeded"
+        | "InsufficientVCPUQuota"
+        | "ErrCode_InsufficientVCPUQuota" => ErrorKind::QuotaExceeded,
         "TooManyRequests" => ErrorKind::Throttled { retry_after: None },
         "AuthenticationFailed" | "AuthorizationFailed" | "InvalidAuthenticationToken" => {
             ErrorKind::Unauthorized
@@ -280,6 +338,20 @@ fn http_failure(operation: &'static str, status: u16, body: &[u8]) -> CloudError
         .map_or_else(|| format!("HTTP{status}"), str::to_string);
     let message = value["error"]["message"].as_str().unwrap_or_default();
     CloudError::new(classify(&code, status), operation, code, message)
+}
+
+/// A failed answer with its headers: a throttled one keeps its `Retry-After`.
+fn failure_with(
+    operation: &'static str,
+    status: u16,
+    headers: &Headers,
+    body: &[u8],
+) -> CloudError {
+    let mut error = http_failure(operation, status, body);
+    if let ErrorKind::Throttled { retry_after } = &mut error.kind {
+        *retry_after = self::retry_after(headers);
+    }
+    error
 }
 
 fn azure_error(operation: &'static str, e: &azure_core::Error) -> CloudError {
@@ -331,6 +403,9 @@ impl CloudProvider for Azure {
     }
 
     async fn instances(&self, target: &Target) -> Result<Vec<Instance>, CloudError> {
+        if let Some(pool) = aks::Pool::of(target) {
+            return self.machines(&pool).await;
+        }
         let (sub, rg, name) = scale_set(target)?;
         RETRY_AFTER
             .scope(std::cell::Cell::new(None), async {
@@ -367,6 +442,9 @@ impl CloudProvider for Azure {
     }
 
     async fn launch(&self, target: &Target, launch: &Launch) -> Result<u32, CloudError> {
+        if let Some(pool) = aks::Pool::of(target) {
+            return self.grow_agent_pool(&pool, launch).await;
+        }
         let (sub, rg, name) = scale_set(target)?;
         // An absolute capacity: sending it again after a crash or a timeout asks for
         // the same scale set, never for more.
@@ -389,13 +467,17 @@ impl CloudProvider for Azure {
                     .map_err(|e| azure_error("launch", &e))
             })
             .await?;
-        self.follow("launch", started.into_raw_response()).await?;
+        self.follow("launch", started.into_raw_response().headers())
+            .await?;
         Ok(launch.add)
     }
 
     async fn terminate(&self, target: &Target, ids: &[String]) -> Result<(), CloudError> {
         if ids.is_empty() {
             return Ok(());
+        }
+        if let Some(pool) = aks::Pool::of(target) {
+            return self.delete_machines(&pool, ids).await;
         }
         let (sub, rg, name) = scale_set(target)?;
         let chosen = VirtualMachineScaleSetVmInstanceRequiredIDs {
@@ -411,7 +493,8 @@ impl CloudProvider for Azure {
                     .map_err(|e| azure_error("terminate", &e))
             })
             .await?;
-        self.follow("terminate", started.into_raw_response()).await
+        self.follow("terminate", started.into_raw_response().headers())
+            .await
     }
 }
 

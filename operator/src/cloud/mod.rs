@@ -40,10 +40,18 @@ pub enum TargetScaling {
         version: Option<String>,
         subnet_ids: Vec<String>,
     },
+    /// A VM scale set.
     Azure {
         subscription_id: String,
         resource_group: String,
         scale_set: String,
+    },
+    /// An AKS agent pool (node pool) of a managed cluster.
+    Aks {
+        subscription_id: String,
+        resource_group: String,
+        cluster: String,
+        agent_pool: String,
     },
 }
 
@@ -63,10 +71,19 @@ impl Target {
             }
             Provider::Azure => {
                 let azure = scaling.azure.as_ref()?;
-                TargetScaling::Azure {
-                    subscription_id: azure.subscription_id.clone(),
-                    resource_group: azure.resource_group.clone(),
-                    scale_set: azure.scale_set_name.clone(),
+                match (&azure.agent_pool, &azure.scale_set_name) {
+                    (Some(pool), _) => TargetScaling::Aks {
+                        subscription_id: pool.subscription_id.clone(),
+                        resource_group: pool.resource_group.clone(),
+                        cluster: pool.cluster.clone(),
+                        agent_pool: pool.name.clone(),
+                    },
+                    (None, Some(scale_set)) => TargetScaling::Azure {
+                        subscription_id: azure.subscription_id.clone()?,
+                        resource_group: azure.resource_group.clone()?,
+                        scale_set: scale_set.clone(),
+                    },
+                    (None, None) => return None,
                 }
             }
         };
@@ -141,6 +158,10 @@ pub enum ErrorKind {
     Unauthorized,
     /// The cloud refused the request itself (bad parameters); repeating it will not help.
     Invalid,
+    /// The pool's cloud resource is busy with an operation someone else started,
+    /// or changed by someone else (an AKS agent pool `Updating`, its `count` not
+    /// what its machines are): Outrigger waits instead of overriding it.
+    Conflict,
     /// Anything that may work if tried again: 5xx, timeouts, connection errors,
     /// failed long-running operations.
     Transient,
@@ -183,6 +204,7 @@ impl CloudError {
             ErrorKind::NotFound => "NotFound",
             ErrorKind::Unauthorized => "Unauthorized",
             ErrorKind::Invalid => "Invalid",
+            ErrorKind::Conflict => "ResourceBusy",
             ErrorKind::Transient => "Transient",
             ErrorKind::NotRegistered => "RegistrationTimeout",
         }

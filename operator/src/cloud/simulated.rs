@@ -41,11 +41,38 @@ fn azure_target(scale_set: &str) -> Target {
     }
 }
 
+fn aks_target(agent_pool: &str) -> Target {
+    Target {
+        scaling: TargetScaling::Aks {
+            subscription_id: SUB.into(),
+            resource_group: RG.into(),
+            cluster: "aks-east".into(),
+            agent_pool: agent_pool.into(),
+        },
+        ..azure_target(agent_pool)
+    }
+}
+
+/// Both kinds of Azure pool: a scale set and an AKS agent pool, each with the
+/// code a quota refusal has there.
+fn azure_targets() -> [(Target, &'static str); 2] {
+    [
+        (azure_target("h100"), "OperationNotAllowed"),
+        (aks_target("h100"), "QuotaExceeded"),
+    ]
+}
+
 async fn azure_sim() -> (Simulator, Control) {
     // The Azure endpoint never calls moto.
-    let sim = Simulator::start(SimulatorConfig::local("http://127.0.0.1:9"))
+    let config = SimulatorConfig::local("http://127.0.0.1:9").expect("a TLS identity");
+    let sim = Simulator::start(config)
         .await
         .expect("the simulator starts");
+    assert!(
+        sim.azure_url().starts_with("https://"),
+        "{}",
+        sim.azure_url()
+    );
     let control = Control::new(sim.control_url());
     control
         .create_scale_set(json!({
@@ -54,14 +81,23 @@ async fn azure_sim() -> (Simulator, Control) {
             "pool": "azure-h100",
         }))
         .await;
+    control
+        .create_agent_pool(json!({
+            "subscriptionId": SUB, "resourceGroup": RG, "cluster": "aks-east", "name": "h100",
+            "location": "eastus", "vmSize": H100_VM, "zones": ["1"], "count": 0,
+            "pool": "aks-h100",
+        }))
+        .await;
     (sim, control)
 }
 
+/// The adapter over HTTPS, trusting the simulator's CA.
 fn azure(sim: &Simulator, token: &str, operation_timeout: Duration) -> Azure {
     Azure::new(&AzureSettings {
         endpoint_url: Some(sim.azure_url().to_string()),
         static_token: Some(token.to_string()),
         operation_timeout,
+        ca_pem: sim.azure_ca_pem().map(<[u8]>::to_vec),
     })
     .expect("an Azure adapter")
 }
@@ -84,33 +120,94 @@ async fn expect_error(result: Result<u32, CloudError>, kind: ErrorKind, code: &s
 async fn azure_grows_lists_and_deletes_chosen_instances() {
     let (sim, _control) = azure_sim().await;
     let cloud = azure(&sim, "t", Duration::from_secs(20));
-    let target = azure_target("h100");
-    assert_eq!(cloud.launch(&target, &launch(0, 3)).await, Ok(3));
-    let vms = cloud.instances(&target).await.expect("VMs");
-    assert_eq!(vms.len(), 3);
-    assert!(vms.iter().all(|v| v.live()));
-    assert!(
-        vms[0].provider_id.starts_with("azure:///subscriptions/")
-            && vms[0]
-                .provider_id
-                .contains("/virtualMachineScaleSets/h100/virtualMachines/"),
-        "{}",
-        vms[0].provider_id
+    for (target, _) in azure_targets() {
+        assert_eq!(cloud.launch(&target, &launch(0, 3)).await, Ok(3));
+        let vms = cloud.instances(&target).await.expect("VMs");
+        assert_eq!(vms.len(), 3);
+        assert!(vms.iter().all(|v| v.live()));
+        let scale_set = match &target.scaling {
+            TargetScaling::Aks { .. } => "/virtualMachineScaleSets/aks-h100-",
+            _ => "/virtualMachineScaleSets/h100/virtualMachines/",
+        };
+        assert!(
+            vms[0].provider_id.starts_with("azure:///subscriptions/")
+                && vms[0].provider_id.contains(scale_set),
+            "{}",
+            vms[0].provider_id
+        );
+        if let TargetScaling::Aks { .. } = &target.scaling {
+            // Machines are named as AKS names its nodes.
+            assert!(
+                vms[0].id.starts_with("aks-h100-") && vms[0].id.contains("-vmss00000"),
+                "{}",
+                vms[0].id
+            );
+        }
+        cloud
+            .terminate(&target, &[vms[0].id.clone()])
+            .await
+            .expect("deleteInstances / deleteMachines");
+        let left: Vec<String> = cloud
+            .instances(&target)
+            .await
+            .expect("VMs")
+            .into_iter()
+            .filter(|v| v.live())
+            .map(|v| v.id)
+            .collect();
+        assert_eq!(left.len(), 2, "{target:?}");
+        assert!(!left.contains(&vms[0].id));
+        if let TargetScaling::Aks { .. } = &target.scaling {
+            // A machine gone already is skipped, not sent.
+            cloud
+                .terminate(&target, &[vms[0].id.clone()])
+                .await
+                .expect("a machine already gone");
+        }
+    }
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_pool_changed_elsewhere_is_left_alone() {
+    let (sim, control) = azure_sim().await;
+    let target = aks_target("h100");
+    // Someone else's operation runs (and stalls): Outrigger's client gives up on it.
+    let impatient = azure(&sim, "t", Duration::from_secs(2));
+    let id = control.inject(json!({"fault": "OperationStalled"})).await;
+    let error = impatient
+        .launch(&target, &launch(0, 1))
+        .await
+        .expect_err("stalled");
+    assert_eq!(error.code, "OperationTimedOut", "{error}");
+    // While it runs, the pool is Updating: no second change is sent.
+    let cloud = azure(&sim, "t", Duration::from_secs(20));
+    expect_error(
+        cloud.launch(&target, &launch(1, 1)).await,
+        ErrorKind::Conflict,
+        "AgentPoolUpdating",
+    )
+    .await;
+    control.clear(&id).await;
+    // Once done, count is 1: a launch that thinks there are none does not override it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let error = cloud
+            .launch(&target, &launch(0, 1))
+            .await
+            .expect_err("a conflict");
+        if error.code != "AgentPoolUpdating" || Instant::now() > deadline {
+            break error;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (error.kind, error.code.as_str()),
+        (ErrorKind::Conflict, "CountChangedElsewhere"),
+        "{error}"
     );
-    cloud
-        .terminate(&target, &[vms[0].id.clone()])
-        .await
-        .expect("deleteInstances");
-    let left: Vec<String> = cloud
-        .instances(&target)
-        .await
-        .expect("VMs")
-        .into_iter()
-        .filter(|v| v.live())
-        .map(|v| v.id)
-        .collect();
-    assert_eq!(left.len(), 2);
-    assert!(!left.contains(&vms[0].id));
+    assert_eq!(cloud.launch(&target, &launch(1, 1)).await, Ok(1));
+    assert_eq!(cloud.instances(&target).await.expect("machines").len(), 2);
     sim.stop().await;
 }
 
@@ -118,28 +215,38 @@ async fn azure_grows_lists_and_deletes_chosen_instances() {
 async fn azure_errors_are_classified() {
     let (sim, control) = azure_sim().await;
     let cloud = azure(&sim, "t", Duration::from_secs(20));
-    let target = azure_target("h100");
-    let cases = [
-        ("SkuNotAvailable", ErrorKind::InsufficientCapacity),
-        ("ZonalAllocationFailed", ErrorKind::InsufficientCapacity),
-        ("OperationNotAllowed", ErrorKind::QuotaExceeded),
-    ];
-    for (fault, kind) in cases {
-        // A one-shot fault: gone once it has hit.
-        control.inject(json!({"fault": fault, "times": 1})).await;
-        expect_error(cloud.launch(&target, &launch(0, 1)).await, kind, fault).await;
+    for (target, quota) in azure_targets() {
+        let cases = [
+            (
+                "SkuNotAvailable",
+                ErrorKind::InsufficientCapacity,
+                "SkuNotAvailable",
+            ),
+            (
+                "ZonalAllocationFailed",
+                ErrorKind::InsufficientCapacity,
+                "ZonalAllocationFailed",
+            ),
+            ("OperationNotAllowed", ErrorKind::QuotaExceeded, quota),
+        ];
+        for (fault, kind, code) in cases {
+            // A one-shot fault: gone once it has hit.
+            control.inject(json!({"fault": fault, "times": 1})).await;
+            expect_error(cloud.launch(&target, &launch(0, 1)).await, kind, code).await;
+        }
+        control
+            .inject(json!({"fault": "TooManyRequests", "retryAfterSeconds": 2, "times": 1}))
+            .await;
+        let error = cloud.instances(&target).await.expect_err("throttled");
+        assert_eq!(
+            error.kind,
+            ErrorKind::Throttled {
+                retry_after: Some(Duration::from_secs(2))
+            },
+            "{error}"
+        );
     }
-    control
-        .inject(json!({"fault": "TooManyRequests", "retryAfterSeconds": 2, "times": 1}))
-        .await;
-    let error = cloud.instances(&target).await.expect_err("throttled");
-    assert_eq!(
-        error.kind,
-        ErrorKind::Throttled {
-            retry_after: Some(Duration::from_secs(2))
-        },
-        "{error}"
-    );
+    let target = azure_target("h100");
     let missing = azure_target("nope");
     let error = cloud.instances(&missing).await.expect_err("not found");
     assert_eq!(error.kind, ErrorKind::NotFound, "{error}");
@@ -154,18 +261,20 @@ async fn a_stalled_azure_operation_times_out_cleanly() {
     let (sim, control) = azure_sim().await;
     let timeout = Duration::from_secs(3);
     let cloud = azure(&sim, "t", timeout);
-    let id = control.inject(json!({"fault": "OperationStalled"})).await;
-    let started = Instant::now();
-    let error = cloud
-        .launch(&azure_target("h100"), &launch(0, 1))
-        .await
-        .expect_err("timed out");
-    println!("stalled operation given up after {:?}", started.elapsed());
-    assert_eq!(
-        (error.kind, error.code.as_str()),
-        (ErrorKind::Transient, "OperationTimedOut")
-    );
-    control.clear(&id).await;
+    for (target, _) in azure_targets() {
+        let id = control.inject(json!({"fault": "OperationStalled"})).await;
+        let started = Instant::now();
+        let error = cloud
+            .launch(&target, &launch(0, 1))
+            .await
+            .expect_err("timed out");
+        println!("stalled operation given up after {:?}", started.elapsed());
+        assert_eq!(
+            (error.kind, error.code.as_str()),
+            (ErrorKind::Transient, "OperationTimedOut")
+        );
+        control.clear(&id).await;
+    }
     sim.stop().await;
 }
 
@@ -178,21 +287,23 @@ async fn the_metered_wrapper_waits_out_retry_after() {
         metrics.clone(),
         Policy::default(),
     );
-    control
-        .inject(json!({"fault": "TooManyRequests", "retryAfterSeconds": 2, "times": 1}))
-        .await;
-    let started = Instant::now();
-    cloud
-        .instances(&azure_target("h100"))
-        .await
-        .expect("listed on the second attempt");
-    let waited = started.elapsed();
-    println!("throttled list succeeded after {waited:?} (Retry-After: 2s)");
-    // A lower bound, not a speed: the retry must not go out before Retry-After.
-    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    for (target, _) in azure_targets() {
+        control
+            .inject(json!({"fault": "TooManyRequests", "retryAfterSeconds": 2, "times": 1}))
+            .await;
+        let started = Instant::now();
+        cloud
+            .instances(&target)
+            .await
+            .expect("listed on the second attempt");
+        let waited = started.elapsed();
+        println!("throttled list succeeded after {waited:?} (Retry-After: 2s)");
+        // A lower bound, not a speed: the retry must not go out before Retry-After.
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    }
     let text = metrics.encode().expect("metrics");
     assert!(text.contains(
-        r#"outrigger_cloud_requests_total{provider="azure",operation="list",result="Throttled"} 1"#
+        r#"outrigger_cloud_requests_total{provider="azure",operation="list",result="Throttled"} 2"#
     ));
     sim.stop().await;
 }
@@ -206,7 +317,7 @@ struct Ec2 {
 
 async fn ec2_sim() -> Ec2 {
     let moto = Moto::start().await.expect("moto starts");
-    let sim = Simulator::start(SimulatorConfig::local(moto.url()))
+    let sim = Simulator::start(SimulatorConfig::local(moto.url()).expect("a TLS identity"))
         .await
         .expect("the simulator starts");
     let control = Control::new(sim.control_url());

@@ -136,9 +136,10 @@ impl Written {
     }
 }
 
-const OWN_CONDITIONS: [&str; 3] = [
+const OWN_CONDITIONS: [&str; 4] = [
     condition::CAPACITY_AVAILABLE,
     condition::CLOUD_REACHABLE,
+    condition::CLOUD_RESOURCE_READY,
     condition::NODE_REPAIR,
 ];
 
@@ -615,15 +616,21 @@ async fn apply(
         _ => 0,
     };
     let terminated = u32::try_from(steps.terminate.len()).unwrap_or(u32::MAX);
-    let reachable = before.make(
-        &pool,
-        condition::CLOUD_REACHABLE,
-        true,
-        "Reachable",
-        format!("the {} API answers", pool.spec.provider),
-        now,
-    );
-    let mut conditions = vec![reachable, repair_condition(&pool, &steps, &before, now)];
+    let mut conditions = vec![
+        reachable(&pool, &before, now),
+        repair_condition(&pool, &steps, &before, now),
+    ];
+    // Once reported busy, the resource is reported ready again.
+    if before.condition(condition::CLOUD_RESOURCE_READY).is_some() {
+        conditions.push(before.make(
+            &pool,
+            condition::CLOUD_RESOURCE_READY,
+            true,
+            "Accepted",
+            "the pool's cloud resource takes changes again".to_string(),
+            now,
+        ));
+    }
     conditions.extend(report.capacity);
     write_status(
         ctx,
@@ -725,6 +732,17 @@ async fn release(
     Ok(Action::await_change())
 }
 
+fn reachable(pool: &GpuNodePool, before: &Written, now: Timestamp) -> Condition {
+    before.make(
+        pool,
+        condition::CLOUD_REACHABLE,
+        true,
+        "Reachable",
+        format!("the {} API answers", pool.spec.provider),
+        now,
+    )
+}
+
 async fn unreachable_cloud(
     ctx: &Ctx,
     pool: &GpuNodePool,
@@ -732,15 +750,31 @@ async fn unreachable_cloud(
     e: &CloudError,
 ) -> Result<Action, Error> {
     tracing::warn!(pool = %pool.name_any(), error = %e, "scaler: cloud call failed");
-    let reachable = before.make(
-        pool,
-        condition::CLOUD_REACHABLE,
-        false,
-        e.category(),
-        e.to_string(),
-        ctx.shared.now(),
-    );
-    write_status(ctx, pool, before, Update::conditions(vec![reachable])).await?;
+    let now = ctx.shared.now();
+    let conditions = if e.kind == crate::cloud::ErrorKind::Conflict {
+        // The cloud answered: its resource is busy or changed by someone else.
+        vec![
+            reachable(pool, before, now),
+            before.make(
+                pool,
+                condition::CLOUD_RESOURCE_READY,
+                false,
+                &e.code,
+                e.message.clone(),
+                now,
+            ),
+        ]
+    } else {
+        vec![before.make(
+            pool,
+            condition::CLOUD_REACHABLE,
+            false,
+            e.category(),
+            e.to_string(),
+            now,
+        )]
+    };
+    write_status(ctx, pool, before, Update::conditions(conditions)).await?;
     ctx.shared
         .metrics
         .reconcile_failed(CONTROLLER, e.category());

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use jiff::Timestamp;
 
+use super::agent_pool::AgentPoolFixture;
 use super::error::ArmError;
 use super::scale_set::{ScaleSet, ScaleSetFixture, ScaleSetKey, VmState};
 
@@ -97,6 +98,69 @@ impl AzureCloud {
         let set = ScaleSet::from_fixture(fixture, now)?;
         self.scale_sets.insert(key, set);
         Ok(())
+    }
+
+    /// Creates an AKS agent pool: its scale set in the node resource group.
+    pub fn create_agent_pool(
+        &mut self,
+        fixture: AgentPoolFixture,
+        now: Instant,
+    ) -> Result<ScaleSetKey, ArmError> {
+        let (fixture, aks) = fixture.into_scale_set()?;
+        if self
+            .agent_pool(
+                &fixture.subscription_id,
+                &aks.resource_group,
+                &aks.cluster,
+                &aks.name,
+            )
+            .is_some()
+        {
+            return Err(ArmError::new(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "agent pool {} of cluster {} already exists",
+                    aks.name, aks.cluster
+                ),
+            ));
+        }
+        let key = ScaleSetKey::new(
+            &fixture.subscription_id,
+            &fixture.resource_group,
+            &fixture.name,
+        );
+        self.create_scale_set(fixture, now)?;
+        if let Some(set) = self.scale_sets.get_mut(&key) {
+            set.aks = Some(aks);
+        }
+        Ok(key)
+    }
+
+    /// The scale set of an agent pool.
+    pub fn agent_pool(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        cluster: &str,
+        name: &str,
+    ) -> Option<ScaleSetKey> {
+        self.scale_sets.iter().find_map(|(key, set)| {
+            (set.subscription.eq_ignore_ascii_case(subscription)
+                && set
+                    .aks
+                    .as_ref()
+                    .is_some_and(|a| a.matches(resource_group, cluster, name)))
+            .then(|| key.clone())
+        })
+    }
+
+    /// True while an operation on `key` runs (AKS refuses another one then).
+    pub fn busy(&self, key: &ScaleSetKey) -> bool {
+        self.operations.values().any(|o| {
+            o.status == OperationStatus::InProgress
+                && matches!(&o.change, Change::Scale { key: k, .. } | Change::DeleteInstances { key: k, .. } if k == key)
+        })
     }
 
     /// Removes a scale set and its VMs at once; false when there is none.

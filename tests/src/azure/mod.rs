@@ -14,6 +14,7 @@
 //!
 //! Any bearer token is accepted; `api-version` is required, as in ARM.
 
+pub mod agent_pool;
 pub mod cloud;
 pub mod error;
 mod plan;
@@ -46,6 +47,9 @@ use scale_set::{ScaleSet, ScaleSetKey};
 const SCALE_SETS: &str =
     "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachineScaleSets";
 const LOCATIONS: &str = "/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}";
+const AGENT_POOLS: &str = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.ContainerService/managedClusters/{cluster}/agentPools";
+const AKS_LOCATIONS: &str =
+    "/subscriptions/{sub}/providers/Microsoft.ContainerService/locations/{location}";
 
 type Params = Query<HashMap<String, String>>;
 
@@ -79,6 +83,33 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             &format!("{LOCATIONS}/operationResults/{{id}}"),
+            get(operation_result),
+        )
+        .route(AGENT_POOLS, get(agent_pool::list))
+        .route(
+            &format!("{AGENT_POOLS}/{{pool}}"),
+            get(agent_pool::get)
+                .put(agent_pool::update)
+                .patch(agent_pool::update),
+        )
+        .route(
+            &format!("{AGENT_POOLS}/{{pool}}/machines"),
+            get(agent_pool::list_machines),
+        )
+        .route(
+            &format!("{AGENT_POOLS}/{{pool}}/machines/{{machine}}"),
+            get(agent_pool::get_machine),
+        )
+        .route(
+            &format!("{AGENT_POOLS}/{{pool}}/deleteMachines"),
+            post(agent_pool::delete_machines),
+        )
+        .route(
+            &format!("{AKS_LOCATIONS}/operations/{{id}}"),
+            get(operation_status),
+        )
+        .route(
+            &format!("{AKS_LOCATIONS}/operationresults/{{id}}"),
             get(operation_result),
         )
         .fallback(unknown_route)
@@ -175,6 +206,18 @@ fn region_of_path(shared: &Shared, path: &str) -> Option<String> {
     if let Some(location) = after("locations") {
         return Some(location.to_ascii_lowercase());
     }
+    if let Some(pool) = after("agentPools") {
+        let cloud = shared.azure();
+        let key = cloud.agent_pool(
+            after("subscriptions")?,
+            after("resourceGroups")?,
+            after("managedClusters")?,
+            pool,
+        )?;
+        return cloud
+            .scale_set(&key)
+            .map(|s| s.location.to_ascii_lowercase());
+    }
     let key = ScaleSetKey::new(
         after("subscriptions")?,
         after("resourceGroups")?,
@@ -243,12 +286,7 @@ async fn update_scale_set(
     Query(query): Params,
     body: Bytes,
 ) -> Result<Response, ArmError> {
-    let update: Value = serde_json::from_slice(&body).map_err(|e| {
-        ArmError::bad_request(
-            "InvalidRequestContent",
-            format!("The request content was invalid and could not be deserialized: {e}"),
-        )
-    })?;
+    let update: Value = json_body(&body)?;
     let now = Instant::now();
     let key = ScaleSetKey::new(&sub, &rg, &name);
     let mut cloud = settled(&shared);
@@ -269,18 +307,7 @@ async fn update_scale_set(
     let target = u32::try_from(target)
         .map_err(|_| ArmError::bad_request("InvalidParameter", "sku.capacity is too large."))?;
     let location = set.location.clone();
-    let growth = cloud.zones_for_growth(&key, target);
-    let plan = {
-        let mut book = shared.book();
-        let mut plan = if growth.is_empty() {
-            OperationPlan::default()
-        } else {
-            growth_plan(&mut book, &cloud, find(&cloud, &sub, &rg, &name)?, &growth)?
-        };
-        add_operation_faults(&mut book, &mut plan, &name);
-        plan
-    };
-    let operation = cloud.begin_scale(&key, target, plan, now)?;
+    let operation = begin_capacity(&shared, &mut cloud, &key, target, &name, now)?;
     let retry_after = cloud.retry_after_seconds();
     let body = scale_set_json(find(&cloud, &sub, &rg, &name)?);
     drop(cloud);
@@ -290,55 +317,107 @@ async fn update_scale_set(
     operation_headers(
         &shared,
         response.headers_mut(),
-        &sub,
-        &location,
-        &operation,
+        &OperationLinks {
+            namespace: Namespace::Compute,
+            sub: &sub,
+            location: &location,
+            operation: &operation,
+            retry_after,
+        },
         &query,
-        retry_after,
     );
     Ok(response)
 }
 
-fn operation_url(
+/// Starts setting the VM count of `key` to `target`, as faults and capacity
+/// allow; `fault_name` is the name the faults' `scaleSet` filter matches.
+fn begin_capacity(
     shared: &Shared,
-    sub: &str,
-    location: &str,
-    kind: &str,
-    id: &str,
-    api_version: &str,
-) -> String {
-    format!(
-        "{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/{kind}/{id}?api-version={api_version}",
-        shared.azure_base
-    )
+    cloud: &mut AzureCloud,
+    key: &ScaleSetKey,
+    target: u32,
+    fault_name: &str,
+    now: Instant,
+) -> Result<String, ArmError> {
+    let growth = cloud.zones_for_growth(key, target);
+    let plan = {
+        let mut book = shared.book();
+        let mut plan = match cloud.scale_set(key) {
+            Some(set) if !growth.is_empty() => growth_plan(&mut book, cloud, set, &growth)?,
+            _ => OperationPlan::default(),
+        };
+        add_operation_faults(&mut book, &mut plan, fault_name);
+        plan
+    };
+    cloud.begin_scale(key, target, plan, now)
+}
+
+/// A request body as JSON, or ARM's error for content it cannot read.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ArmError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ArmError::bad_request(
+            "InvalidRequestContent",
+            format!("The request content was invalid and could not be deserialized: {e}"),
+        )
+    })
+}
+
+/// The resource provider whose operation resources a long-running operation
+/// reports under.
+#[derive(Clone, Copy)]
+enum Namespace {
+    Compute,
+    ContainerService,
+}
+
+impl Namespace {
+    fn as_str(self) -> &'static str {
+        match self {
+            Namespace::Compute => "Microsoft.Compute",
+            Namespace::ContainerService => "Microsoft.ContainerService",
+        }
+    }
+
+    /// The path segment of an operation's result (AKS spells it in lower case).
+    fn results(self) -> &'static str {
+        match self {
+            Namespace::Compute => "operationResults",
+            Namespace::ContainerService => "operationresults",
+        }
+    }
+}
+
+struct OperationLinks<'a> {
+    namespace: Namespace,
+    sub: &'a str,
+    location: &'a str,
+    operation: &'a str,
+    retry_after: u64,
 }
 
 fn operation_headers(
     shared: &Shared,
     headers: &mut HeaderMap,
-    sub: &str,
-    location: &str,
-    operation: &str,
+    links: &OperationLinks<'_>,
     query: &HashMap<String, String>,
-    retry_after: u64,
 ) {
     let api_version = query
         .get("api-version")
         .map_or("2024-07-01", String::as_str);
-    let location = location.to_ascii_lowercase();
-    let status = operation_url(shared, sub, &location, "operations", operation, api_version);
-    let result = operation_url(
-        shared,
-        sub,
-        &location,
-        "operationResults",
-        operation,
-        api_version,
-    );
+    let url = |kind: &str| {
+        format!(
+            "{}/subscriptions/{}/providers/{}/locations/{}/{kind}/{}?api-version={api_version}",
+            shared.azure_base,
+            links.sub,
+            links.namespace.as_str(),
+            links.location.to_ascii_lowercase(),
+            links.operation,
+        )
+    };
     for (name, value) in [
-        ("azure-asyncoperation", status),
-        ("location", result),
-        ("retry-after", retry_after.to_string()),
+        ("azure-asyncoperation", url("operations")),
+        ("location", url(links.namespace.results())),
+        ("retry-after", links.retry_after.to_string()),
         ("azure-asyncnotification", "Enabled".to_string()),
     ] {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -359,12 +438,7 @@ async fn delete_instances(
     Query(query): Params,
     body: Bytes,
 ) -> Result<Response, ArmError> {
-    let ids: InstanceIds = serde_json::from_slice(&body).map_err(|e| {
-        ArmError::bad_request(
-            "InvalidRequestContent",
-            format!("The request content was invalid and could not be deserialized: {e}"),
-        )
-    })?;
+    let ids: InstanceIds = json_body(&body)?;
     let key = ScaleSetKey::new(&sub, &rg, &name);
     let mut cloud = settled(&shared);
     let location = find(&cloud, &sub, &rg, &name)?.location.clone();
@@ -379,11 +453,14 @@ async fn delete_instances(
     operation_headers(
         &shared,
         response.headers_mut(),
-        &sub,
-        &location,
-        &operation,
+        &OperationLinks {
+            namespace: Namespace::Compute,
+            sub: &sub,
+            location: &location,
+            operation: &operation,
+            retry_after,
+        },
         &query,
-        retry_after,
     );
     Ok(response)
 }
@@ -518,7 +595,11 @@ async fn operation_result(
         }
         OperationStatus::Succeeded => {
             match op.scale_set.as_ref().and_then(|k| cloud.scale_set(k)) {
-                Some(set) => Ok(axum::Json(scale_set_json(set)).into_response()),
+                Some(set) => Ok(axum::Json(match &set.aks {
+                    Some(aks) => agent_pool::agent_pool_json(set, aks),
+                    None => scale_set_json(set),
+                })
+                .into_response()),
                 None => Ok(StatusCode::NO_CONTENT.into_response()),
             }
         }

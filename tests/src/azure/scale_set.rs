@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use outrigger_crds::{CLUSTER_TAG, POOL_LABEL};
 use serde::{Deserialize, Serialize};
 
+use super::agent_pool::AksPool;
 use super::error::ArmError;
 use super::skus::{self, SkuShape};
 
@@ -99,6 +100,8 @@ pub struct ScaleSet {
     pub unique_id: String,
     pub created: Timestamp,
     pub gpus: Option<u32>,
+    /// The AKS agent pool this scale set is the nodes of, if any.
+    pub aks: Option<AksPool>,
     pub vms: BTreeMap<u32, Vm>,
     next_instance_id: u32,
 }
@@ -136,6 +139,7 @@ impl ScaleSet {
             provisioning_state: "Succeeded",
             created: Timestamp::now(),
             gpus: fixture.gpus,
+            aks: None,
             vms: BTreeMap::new(),
             next_instance_id: 0,
         };

@@ -16,6 +16,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use outrigger_crds::Provider;
 use outrigger_tests::faults::CapacityLimit;
 use outrigger_tests::registrar::{ClusterTarget, RegistrarConfig};
+use outrigger_tests::tls::TlsIdentity;
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::{Map, Value, json};
 
@@ -67,6 +68,15 @@ struct ServeArgs {
     /// Where the Azure Resource Manager endpoint listens.
     #[arg(long, default_value = "127.0.0.1:18082")]
     azure_listen: SocketAddr,
+    /// The Azure endpoint's certificate (PEM, chain first), for HTTPS as ARM
+    /// serves; hack/cluster issues it from the local cluster's CA. Without it and
+    /// --azure-tls-key the endpoint speaks plain HTTP, which Azure SDKs refuse to send
+    /// a bearer token over.
+    #[arg(long, requires = "azure_tls_key")]
+    azure_tls_cert: Option<PathBuf>,
+    /// The key of --azure-tls-cert (PEM).
+    #[arg(long, requires = "azure_tls_cert")]
+    azure_tls_key: Option<PathBuf>,
     /// Where the control API listens (OUTRIGGER_SIM_URL).
     #[arg(long, default_value = "127.0.0.1:18083")]
     control_listen: SocketAddr,
@@ -341,12 +351,25 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             boot_delay: seconds(args.boot_delay, "--boot-delay")?,
         })
     };
+    let azure_tls = match (&args.azure_tls_cert, &args.azure_tls_key) {
+        (Some(cert), Some(key)) => Some(
+            TlsIdentity::from_files(&cert.to_string_lossy(), &key.to_string_lossy())
+                .map_err(|e| format!("--azure-tls-cert/--azure-tls-key: {e}"))?,
+        ),
+        _ => {
+            tracing::warn!(
+                "azure: serving plain HTTP (no --azure-tls-cert); Azure SDKs refuse bearer tokens over it"
+            );
+            None
+        }
+    };
     let config = SimulatorConfig {
         moto_url: args.moto_url,
         ec2_addr: args.ec2_listen,
         azure_addr: args.azure_listen,
         control_addr: args.control_listen,
         azure_operation_time: seconds(args.azure_operation_seconds, "--azure-operation-seconds")?,
+        azure_tls,
         aws_regions: args.aws_regions,
         capacity: args.capacity,
         registrar,

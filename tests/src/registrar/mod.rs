@@ -370,6 +370,7 @@ impl Registrar {
                     pool: Some(pool),
                     cluster: instance.tags.get(CLUSTER_TAG).cloned(),
                     scale_set: None,
+                    agent_pool: None,
                     shape,
                     up_since: Some(since),
                 });
@@ -440,6 +441,7 @@ impl Registrar {
                         set.resource_group.clone(),
                         set.name.clone(),
                     )),
+                    agent_pool: set.aks.clone(),
                     shape,
                     up_since: vm.up_since,
                 });

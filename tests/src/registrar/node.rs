@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use outrigger_crds::{GpuNodePool, POOL_LABEL, Provider};
 use serde_json::{Value, json};
 
+use crate::azure::agent_pool::{AGENT_POOL_LABEL, AksPool};
 use crate::faults::Outage;
 
 /// Label on every Node the registrar made; it only ever touches those.
@@ -63,6 +64,9 @@ pub struct Machine {
     pub cluster: Option<String>,
     /// For a scale-set VM: subscription, resource group and scale set name.
     pub scale_set: Option<(String, String, String)>,
+    /// For a VM of an AKS agent pool: the managed cluster's resource group, the
+    /// cluster and the pool.
+    pub agent_pool: Option<AksPool>,
     pub shape: Shape,
     /// When it started running; `None` while it is still being created.
     pub up_since: Option<Instant>,
@@ -98,7 +102,7 @@ impl PoolTraits {
         }
     }
 
-    /// True when this pool's scaling names the scale set of `machine`.
+    /// True when this pool's scaling names the scale set or agent pool of `machine`.
     pub fn scales(pool: &GpuNodePool, machine: &Machine) -> bool {
         let (Some(azure), Some((sub, rg, name))) = (
             pool.spec.scaling.as_ref().and_then(|s| s.azure.as_ref()),
@@ -106,9 +110,21 @@ impl PoolTraits {
         ) else {
             return false;
         };
-        azure.subscription_id.eq_ignore_ascii_case(sub)
-            && azure.resource_group.eq_ignore_ascii_case(rg)
-            && azure.scale_set_name.eq_ignore_ascii_case(name)
+        match (&azure.agent_pool, &machine.agent_pool) {
+            (Some(wanted), Some(aks)) => {
+                wanted.subscription_id.eq_ignore_ascii_case(sub)
+                    && aks.matches(&wanted.resource_group, &wanted.cluster, &wanted.name)
+            }
+            (None, None) => {
+                let same = |a: &Option<String>, b: &str| {
+                    a.as_deref().is_some_and(|a| a.eq_ignore_ascii_case(b))
+                };
+                same(&azure.subscription_id, sub)
+                    && same(&azure.resource_group, rg)
+                    && same(&azure.scale_set_name, name)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -132,6 +148,10 @@ pub fn node_for(machine: &Machine, pool: &PoolTraits, outage: Option<&Outage>) -
             machine.instance_type.clone(),
         ),
     ]);
+    if let Some(aks) = &machine.agent_pool {
+        labels.insert(AGENT_POOL_LABEL.to_string(), aks.name.clone());
+        labels.insert("kubernetes.azure.com/mode".to_string(), "user".to_string());
+    }
     labels.extend(pool.labels.clone());
 
     let mut annotations = BTreeMap::new();
@@ -279,6 +299,7 @@ mod tests {
             pool: Some("aws-h100".into()),
             cluster: None,
             scale_set: None,
+            agent_pool: None,
             shape: Shape {
                 cpus: 192,
                 memory_mib: 2_097_152,
