@@ -4,7 +4,9 @@
 #   moto           the EC2 API behind the simulator (PyPI moto, pinned in
 #                  hack/tools/moto-requirements.txt, installed by hack/tools/install-moto.sh)
 #   outrigger-sim  the EC2 endpoint (a proxy in front of moto), the Azure Resource
-#                  Manager endpoint, the control API, and the node registrar that
+#                  Manager endpoint (HTTPS, with a certificate from the cluster's CA,
+#                  $RUN/pki/ca.crt; a CA of its own when it runs without a
+#                  cluster), the control API, and the node registrar that
 #                  turns running instances and scale-set VMs into kwok Nodes
 #                  (tests/src; built with cargo on `up` when its sources changed)
 #
@@ -71,9 +73,23 @@ sim_binary() {
     echo "$exe"
 }
 
+# sim_certificate: the Azure endpoint's certificate, issued once from the cluster's
+# CA (made here when the simulators run alone, as under hack/peers).
+sim_certificate() {
+    [[ -f "$PKI/outrigger-sim-azure.crt" ]] && return 0
+    mkdir -p "$PKI"
+    chmod 700 "$PKI"
+    [[ -f "$PKI/ca.crt" ]] || ca ca outrigger-local-ca
+    cert outrigger-sim-azure "/CN=outrigger-sim-azure" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:$HOST,DNS:localhost"
+}
+
 start_outrigger_sim() {
     local exe
     exe="$(sim_binary)" || return 1
+    sim_certificate
     # `hack/cluster fault` runs the same binary.
     echo "$exe" >"$RUN/outrigger-sim.bin"
     # outrigger-sim reads OUTRIGGER_SIM_CAPACITY itself; set but empty means none.
@@ -92,6 +108,7 @@ start_outrigger_sim() {
         --moto-url "http://$HOST:$SIM_MOTO_PORT" \
         --ec2-listen "$HOST:$SIM_EC2_PORT" \
         --azure-listen "$HOST:$SIM_AZURE_PORT" \
+        --azure-tls-cert "$PKI/outrigger-sim-azure.crt" --azure-tls-key "$PKI/outrigger-sim-azure.key" \
         --control-listen "$HOST:$SIM_CONTROL_PORT" \
         --boot-delay "${OUTRIGGER_SIM_BOOT_DELAY:-2}" \
         "${targets[@]}"
@@ -105,7 +122,9 @@ ready_outrigger_sim() {
 env_outrigger_sim() {
     printf 'export AWS_ENDPOINT_URL_EC2=%q\n' "http://$HOST:$SIM_EC2_PORT"
     printf 'export AWS_ACCESS_KEY_ID=outrigger-local AWS_SECRET_ACCESS_KEY=outrigger-local\n'
-    printf 'export AZURE_ENDPOINT_URL=%q\n' "http://$HOST:$SIM_AZURE_PORT"
+    printf 'export AZURE_ENDPOINT_URL=%q\n' "https://$HOST:$SIM_AZURE_PORT"
+    # What the operator's --azure-ca-file reads, and the tests' Azure clients trust.
+    printf 'export OUTRIGGER_AZURE_CA_FILE=%q\n' "$PKI/ca.crt"
     printf 'export OUTRIGGER_SIM_URL=%q\n' "http://$HOST:$SIM_CONTROL_PORT"
 }
 

@@ -210,9 +210,23 @@ if ! curl -fsS -o /dev/null "http://$GATEWAY:$CONTROL_PORT/healthz" 2>/dev/null;
         -H "$GATEWAY" -p "$MOTO_PORT" >"$RUN/logs/moto.log" 2>&1 </dev/null &
     echo $! >"$RUN/pids/moto.pid"
     wait_http 60 "http://$GATEWAY:$MOTO_PORT/moto-api/" || die "moto did not answer (log $RUN/logs/moto.log)"
+    # The Azure endpoint serves HTTPS, with a certificate from kind's own cluster CA
+    # for the name the operator dials (cloud-simulators.<namespace>.svc).
+    mkdir -p "$RUN/pki"
+    docker cp "$CLUSTER-control-plane:/etc/kubernetes/pki/ca.crt" "$RUN/pki/ca.crt" >/dev/null
+    docker cp "$CLUSTER-control-plane:/etc/kubernetes/pki/ca.key" "$RUN/pki/ca.key" >/dev/null
+    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+        "extendedKeyUsage=serverAuth" "subjectAltName=DNS:cloud-simulators.$NS.svc,IP:$GATEWAY" >"$RUN/pki/azure.ext"
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=outrigger-sim-azure" \
+        -keyout "$RUN/pki/azure.key" -out "$RUN/pki/azure.csr" 2>/dev/null
+    openssl x509 -req -in "$RUN/pki/azure.csr" -CA "$RUN/pki/ca.crt" -CAkey "$RUN/pki/ca.key" \
+        -set_serial "0x$(openssl rand -hex 16)" -days 30 -sha256 -extfile "$RUN/pki/azure.ext" \
+        -out "$RUN/pki/azure.crt" 2>/dev/null
+    rm -f "$RUN/pki/ca.key" "$RUN/pki/azure.csr"
     setsid "$SIM_BIN" serve --instance "$RUN" --no-registrar \
         --moto-url "http://$GATEWAY:$MOTO_PORT" --ec2-listen "$GATEWAY:$EC2_PORT" \
         --azure-listen "$GATEWAY:$AZURE_PORT" --control-listen "$GATEWAY:$CONTROL_PORT" \
+        --azure-tls-cert "$RUN/pki/azure.crt" --azure-tls-key "$RUN/pki/azure.key" \
         >"$RUN/logs/outrigger-sim.log" 2>&1 </dev/null &
     echo $! >"$RUN/pids/outrigger-sim.pid"
     wait_http 30 "http://$GATEWAY:$CONTROL_PORT/healthz" || die "outrigger-sim did not answer (log $RUN/logs/outrigger-sim.log)"
@@ -263,7 +277,8 @@ kubectl -n "$NS" create secret generic outrigger-sim-credentials "${secret_args[
 helm upgrade --install outrigger charts/outrigger --namespace "$NS" \
     --set image.repository="${IMAGE%:*}" --set "image.tag=${IMAGE##*:}" --set image.pullPolicy=Never \
     --set "cloud.aws.endpointUrl=http://cloud-simulators.$NS.svc:$EC2_PORT" \
-    --set "cloud.azure.endpointUrl=http://cloud-simulators.$NS.svc:$AZURE_PORT" \
+    --set "cloud.azure.endpointUrl=https://cloud-simulators.$NS.svc:$AZURE_PORT" \
+    --set-file "cloud.azure.caBundle=$RUN/pki/ca.crt" \
     --set cloud.credentialsSecret=outrigger-sim-credentials \
     --wait --timeout 180s >&2
 log "  operator Ready in $((SECONDS - t0)) s"

@@ -118,6 +118,7 @@ async fn state(State(shared): State<Arc<Shared>>) -> Json<Value> {
                     "capacity": s.capacity,
                     "provisioningState": s.provisioning_state,
                     "tags": s.tags,
+                    "agentPool": s.aks.as_ref().map(|a| json!({"resourceGroup": a.resource_group, "cluster": a.cluster, "name": a.name})),
                     "vms": vms,
                 })
             })

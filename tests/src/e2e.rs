@@ -37,7 +37,10 @@ pub async fn client() -> Client {
 #[derive(Clone, Debug)]
 pub struct SimClouds {
     pub ec2_url: String,
+    /// The Azure endpoint: HTTPS, with a certificate from the cluster's CA.
     pub azure_url: String,
+    /// That CA (`OUTRIGGER_AZURE_CA_FILE`): what `--azure-ca-file` names.
+    pub azure_ca_file: String,
     pub control_url: String,
     pub control: Control,
 }
@@ -49,10 +52,23 @@ impl SimClouds {
         let control_url = var("OUTRIGGER_SIM_URL", "http://127.0.0.1:18083");
         SimClouds {
             ec2_url: var("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:18081"),
-            azure_url: var("AZURE_ENDPOINT_URL", "http://127.0.0.1:18082"),
+            azure_url: var("AZURE_ENDPOINT_URL", "https://127.0.0.1:18082"),
+            azure_ca_file: var(
+                "OUTRIGGER_AZURE_CA_FILE",
+                &format!(
+                    "{}/.cache/outrigger/cluster/pki/ca.crt",
+                    var("HOME", "/root")
+                ),
+            ),
             control: Control::new(&control_url),
             control_url,
         }
+    }
+
+    /// The CA of the Azure endpoint, for the real SDK's transport.
+    pub fn azure_ca(&self) -> Vec<u8> {
+        std::fs::read(&self.azure_ca_file)
+            .unwrap_or_else(|e| panic!("the Azure CA {}: {e}", self.azure_ca_file))
     }
 
     /// The real EC2 client against the simulator, in `region`, with the SDK's own

@@ -1,7 +1,9 @@
 //! End-to-end: the operator scales AWS and Azure pools in the cluster's simulated
 //! clouds (whose registrar turns instances into kwok Nodes): from zero to Running
 //! replicas, around an AWS capacity error and an Azure quota error, back to
-//! `nodes.min`, through ten operator kills, and releasing a deleted pool's instances.
+//! `nodes.min`, through ten operator kills, and releasing a deleted pool's instances;
+//! and the same course with an AKS agent pool (grown by `count`, shrunk by
+//! `deleteMachines`) in place of the scale set.
 //! Needs the local cluster (`hack/e2e --test cloud`).
 
 use std::collections::BTreeMap;
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use outrigger_crds::{GpuNodePool, GpuNodePoolStatus, ModelDeployment};
 use outrigger_tests::e2e::{self, Operator, SimClouds, TestNamespace, wait_for};
@@ -21,6 +24,14 @@ const AZURE_REGION: &str = "eastus";
 const TEMPLATE: &str = "outrigger-e2e-h100";
 const DEADLINE: Duration = Duration::from_secs(90);
 
+/// What holds the Azure pool's nodes.
+#[derive(Clone, Copy, PartialEq)]
+enum AzureKind {
+    ScaleSet,
+    /// An AKS agent pool `h100` of a managed cluster of the run's own.
+    AgentPool,
+}
+
 /// An AWS and an Azure pool of 8-GPU H100 nodes, empty, up to 4 nodes each; AWS
 /// is the cheaper.
 struct Pools {
@@ -29,11 +40,19 @@ struct Pools {
 }
 
 impl Pools {
-    async fn create(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Client) -> Pools {
+    async fn create(
+        client: &Client,
+        sim: &SimClouds,
+        ec2: &aws_sdk_ec2::Client,
+        kind: AzureKind,
+    ) -> Pools {
         let tag = e2e::suffix();
         let pools = Pools {
             aws: format!("aws-{tag}"),
-            azure: format!("azure-{tag}"),
+            azure: match kind {
+                AzureKind::ScaleSet => format!("azure-{tag}"),
+                AzureKind::AgentPool => format!("aks-{tag}"),
+            },
         };
         // The launch template is shared by every run against this cluster.
         let _ = ec2
@@ -47,13 +66,30 @@ impl Pools {
             )
             .send()
             .await;
-        sim.control
-            .create_scale_set(json!({
-                "subscriptionId": SUB, "resourceGroup": "e2e", "name": pools.azure,
-                "location": AZURE_REGION, "sku": "Standard_ND96isr_H100_v5", "zones": ["1"],
-                "capacity": 0, "pool": pools.azure,
-            }))
-            .await;
+        let azure_scaling = match kind {
+            AzureKind::ScaleSet => {
+                sim.control
+                    .create_scale_set(json!({
+                        "subscriptionId": SUB, "resourceGroup": "e2e", "name": pools.azure,
+                        "location": AZURE_REGION, "sku": "Standard_ND96isr_H100_v5", "zones": ["1"],
+                        "capacity": 0, "pool": pools.azure,
+                    }))
+                    .await;
+                json!({"subscriptionId": SUB, "resourceGroup": "e2e", "scaleSetName": pools.azure})
+            }
+            AzureKind::AgentPool => {
+                sim.control
+                    .create_agent_pool(json!({
+                        "subscriptionId": SUB, "resourceGroup": "e2e", "cluster": pools.azure,
+                        "name": "h100", "location": AZURE_REGION,
+                        "vmSize": "Standard_ND96isr_H100_v5", "zones": ["1"], "count": 0,
+                        "pool": pools.azure,
+                    }))
+                    .await;
+                json!({"agentPool": {"subscriptionId": SUB, "resourceGroup": "e2e",
+                                     "cluster": pools.azure, "name": "h100"}})
+            }
+        };
         let api: Api<GpuNodePool> = Api::all(client.clone());
         for spec in [
             json!({
@@ -66,8 +102,7 @@ impl Pools {
                 "provider": "azure", "region": AZURE_REGION, "zone": "1",
                 "instanceType": "Standard_ND96isr_H100_v5", "gpu": {"type": "H100", "count": 8},
                 "pricePerNodeHour": 20.0, "nodes": {"min": 0, "max": 4},
-                "scaling": {"azure": {"subscriptionId": SUB, "resourceGroup": "e2e",
-                                      "scaleSetName": pools.azure}}
+                "scaling": {"azure": azure_scaling}
             }),
         ] {
             let name = if spec["provider"] == "aws" {
@@ -103,6 +138,8 @@ async fn operator(sim: &SimClouds, identity: &str) -> Operator {
             &sim.ec2_url,
             "--azure-endpoint-url",
             &sim.azure_url,
+            "--azure-ca-file",
+            &sim.azure_ca_file,
             "--azure-token",
             "e2e",
             "--cluster-name",
@@ -164,14 +201,24 @@ async fn capacity_available(api: &Api<GpuNodePool>, name: &str) -> Option<String
         .map(|c| c.status)
 }
 
-/// VMs of the pool's scale set in the simulator.
-async fn live_vms(sim: &SimClouds, scale_set: &str) -> Option<usize> {
+/// The simulator's scale set of a pool (tagged with its name): its resource group,
+/// name and VMs. An agent pool's is in the node resource group.
+async fn scale_set_of(sim: &SimClouds, pool: &str) -> Option<(String, String, usize)> {
     let state = sim.control.state().await;
     state["azure"]["scaleSets"]
         .as_array()?
         .iter()
-        .find(|s| s["name"] == scale_set)
-        .map(|s| s["vms"].as_array().map_or(0, Vec::len))
+        .find(|s| s["tags"]["outrigger.dev/pool"] == pool)
+        .map(|s| {
+            let text = |key: &str| s[key].as_str().unwrap_or_default().to_string();
+            let vms = s["vms"].as_array().map_or(0, Vec::len);
+            (text("resourceGroup"), text("name"), vms)
+        })
+}
+
+/// VMs of the pool's scale set in the simulator.
+async fn live_vms(sim: &SimClouds, pool: &str) -> Option<usize> {
+    scale_set_of(sim, pool).await.map(|(_, _, vms)| vms)
 }
 
 /// Nodes of a pool (the default selector `outrigger.dev/pool=<name>`).
@@ -237,7 +284,9 @@ async fn delete_pools(client: &Client, sim: &SimClouds, ec2: &aws_sdk_ec2::Clien
         },
     )
     .await;
-    sim.control.delete_scale_set(SUB, "e2e", &pools.azure).await;
+    if let Some((rg, name, _)) = scale_set_of(sim, &pools.azure).await {
+        sim.control.delete_scale_set(SUB, &rg, &name).await;
+    }
 }
 
 /// The cluster's client and simulators, cleared of faults, and a fresh pair of pools.
@@ -249,12 +298,12 @@ struct Scene {
 }
 
 impl Scene {
-    async fn new() -> Scene {
+    async fn new(kind: AzureKind) -> Scene {
         let client = e2e::client().await;
         let sim = SimClouds::from_env();
         let ec2 = sim.ec2(AWS_REGION).await;
         sim.control.clear_all().await;
-        let pools = Pools::create(&client, &sim, &ec2).await;
+        let pools = Pools::create(&client, &sim, &ec2, kind).await;
         Scene {
             client,
             sim,
@@ -276,7 +325,7 @@ async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
         sim,
         ec2,
         pools,
-    } = Scene::new().await;
+    } = Scene::new(AzureKind::ScaleSet).await;
     let pool_api: Api<GpuNodePool> = Api::all(client.clone());
     let operator = operator(&sim, "cloud-e2e").await;
     println!("operator log: {}", operator.log.display());
@@ -414,6 +463,139 @@ async fn pools_scale_from_zero_route_around_capacity_errors_and_shrink_back() {
     operator.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the local cluster: hack/e2e runs it"]
+async fn an_aks_pool_scales_from_zero_routes_around_a_quota_error_and_shrinks_back() {
+    if !e2e::enabled("AKS agent pool scaling") {
+        return;
+    }
+    let _turn = e2e::serial().await;
+    let Scene {
+        client,
+        sim,
+        ec2,
+        pools,
+    } = Scene::new(AzureKind::AgentPool).await;
+    let pool_api: Api<GpuNodePool> = Api::all(client.clone());
+    let operator = operator(&sim, "cloud-aks-e2e").await;
+    println!("operator log: {}", operator.log.display());
+
+    // From an empty agent pool: its count goes up, and its machine joins as AKS
+    // names and labels its nodes.
+    let ns = TestNamespace::new(&client, "cloud-aks").await;
+    let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let started = Instant::now();
+    md_api
+        .create(&PostParams::default(), &model(2))
+        .await
+        .expect("ModelDeployment created");
+    wait_for(
+        "2 replicas Ready, one on AWS, one on AKS",
+        DEADLINE,
+        || async {
+            let (ready, placed) = ready_by_pool(&md_api).await?;
+            (ready == 2
+                && placed.get(&pools.aws) == Some(&1)
+                && placed.get(&pools.azure) == Some(&1))
+            .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "AKS agent pool from 0: {:.1} s to 2 replicas Ready",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(settled_at(&client, &sim, &ec2, &pools, 1, 1).await);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let aks_nodes = nodes
+        .list(&ListParams::default().labels("kubernetes.azure.com/agentpool=h100"))
+        .await
+        .expect("Nodes");
+    let names: Vec<String> = aks_nodes
+        .items
+        .iter()
+        .filter(|n| n.labels().get("outrigger.dev/pool") == Some(&pools.azure))
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        names[0].starts_with("aks-h100-") && names[0].contains("-vmss00000"),
+        "{names:?}"
+    );
+
+    // AKS, now the cheaper, refuses the cores (its preflight quota check): the
+    // replica it cannot take runs on AWS instead.
+    sim.control
+        .inject(json!({"fault": "OperationNotAllowed", "region": AZURE_REGION}))
+        .await;
+    pool_api
+        .patch(
+            &pools.azure,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"pricePerNodeHour": 5.0}})),
+        )
+        .await
+        .expect("Azure price patched");
+    set_replicas(&md_api, 3).await;
+    wait_for("AKS CapacityAvailable=False", DEADLINE, || async {
+        (capacity_available(&pool_api, &pools.azure).await? == "False").then_some(())
+    })
+    .await;
+    let error_seen = Instant::now();
+    wait_for("3 replicas Ready, 2 on AWS", DEADLINE, || async {
+        let (ready, placed) = ready_by_pool(&md_api).await?;
+        (ready == 3 && placed.get(&pools.aws) == Some(&2) && placed.get(&pools.azure) == Some(&1))
+            .then_some(())
+    })
+    .await;
+    println!(
+        "QuotaExceeded on the AKS pool to 3 replicas Ready: {:.1} s",
+        error_seen.elapsed().as_secs_f64()
+    );
+    let backoff = pool_status(&pool_api, &pools.azure)
+        .await
+        .and_then(|s| s.capacity_backoff)
+        .expect("status.capacityBackoff");
+    assert_eq!(
+        (backoff.reason.as_str(), backoff.code.as_str()),
+        ("QuotaExceeded", "QuotaExceeded")
+    );
+    sim.control.clear_all().await;
+
+    // Replicas to 0: deleteMachines takes the agent pool back to 0.
+    set_replicas(&md_api, 0).await;
+    let shrink = Instant::now();
+    wait_for("both pools back at 0 instances", DEADLINE, || async {
+        settled_at(&client, &sim, &ec2, &pools, 0, 0)
+            .await
+            .then_some(())
+    })
+    .await;
+    println!(
+        "AKS pool shrink to 0: {:.1} s (5 s cool-down)",
+        shrink.elapsed().as_secs_f64()
+    );
+    let state = sim.control.state().await;
+    let set = state["azure"]["scaleSets"]
+        .as_array()
+        .and_then(|sets| {
+            sets.iter()
+                .find(|s| s["tags"]["outrigger.dev/pool"] == pools.azure.as_str())
+        })
+        .cloned()
+        .expect("the agent pool's scale set");
+    assert_eq!(set["capacity"], 0, "the agent pool's count: {set}");
+    assert_eq!(set["agentPool"]["name"], "h100", "{set}");
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        !log.contains("virtualMachineScaleSets/aks-"),
+        "no direct scale-set call"
+    );
+    delete_pools(&client, &sim, &ec2, &pools).await;
+    ns.delete().await;
+    operator.stop().await;
+}
+
 /// A small deterministic generator for the kill moments, seeded from the clock and
 /// printed, so a failing run can be told apart.
 struct Moments(u64);
@@ -439,7 +621,7 @@ async fn operator_killed_during_scaling_leaves_no_duplicate_orphan_or_lost_repli
         sim,
         ec2,
         pools,
-    } = Scene::new().await;
+    } = Scene::new(AzureKind::ScaleSet).await;
     let ns = TestNamespace::new(&client, "chaos").await;
     let md_api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     md_api

@@ -361,6 +361,9 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
 
     let client = ClientBuilder::new(Arc::new(StaticToken("outrigger-smoke")))
         .endpoint(azure_core::Url::parse(&run.sim.azure_url).expect("AZURE_ENDPOINT_URL"))
+        .transport(outrigger_tests::azure_client::transport(
+            &run.sim.azure_ca(),
+        ))
         .build()
         .expect("an Azure client");
     let update = VirtualMachineScaleSetUpdate {
@@ -382,7 +385,7 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         .headers()
         .get_optional_string(&HeaderName::from_static("azure-asyncoperation"))
         .expect("Azure-AsyncOperation");
-    let http = reqwest::Client::new();
+    let http = outrigger_tests::azure_client::https_client(&run.sim.azure_ca());
     let done = eventually("the scale-out operation to finish", DEADLINE, || async {
         let status: Value = http
             .get(&operation)

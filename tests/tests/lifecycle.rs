@@ -152,6 +152,8 @@ impl Scene {
                 &self.queue,
                 "--azure-endpoint-url",
                 &self.sim.azure_url,
+                "--azure-ca-file",
+                &self.sim.azure_ca_file,
                 "--azure-token",
                 "e2e",
                 "--cluster-name",

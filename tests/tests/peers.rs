@@ -174,6 +174,7 @@ async fn start_operator(cluster: &str) -> Operator {
     let kubeconfig = kubeconfig(cluster);
     let ec2 = std::env::var("AWS_ENDPOINT_URL_EC2").expect("AWS_ENDPOINT_URL_EC2");
     let azure = std::env::var("AZURE_ENDPOINT_URL").expect("AZURE_ENDPOINT_URL");
+    let azure_ca = std::env::var("OUTRIGGER_AZURE_CA_FILE").expect("OUTRIGGER_AZURE_CA_FILE");
     Operator::start_with(
         &format!("peers-{cluster}"),
         &[("KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))],
@@ -184,6 +185,8 @@ async fn start_operator(cluster: &str) -> Operator {
             &ec2,
             "--azure-endpoint-url",
             &azure,
+            "--azure-ca-file",
+            &azure_ca,
             "--azure-token",
             "e2e",
             "--scale-down-after-seconds",
