@@ -468,3 +468,50 @@ async fn requests_need_an_api_version_and_a_bearer_token() {
     assert_eq!(anonymous.status(), reqwest::StatusCode::UNAUTHORIZED);
     sim.stop().await;
 }
+
+/// Azure's own Python SDKs (azure-mgmt-compute, azure-mgmt-containerservice) with
+/// every HTTPS check on, trusting only the simulator's CA: a scale-set update and
+/// an agent pool's count and deleteMachines, each followed to the end by the SDK's
+/// own poller.
+#[tokio::test(flavor = "multi_thread")]
+async fn azure_python_sdks_accept_the_https_endpoint() {
+    let (sim, control) = simulator().await;
+    control
+        .create_scale_set(json!({
+            "subscriptionId": SUB, "resourceGroup": "python-check", "name": "h100",
+            "location": "eastus", "sku": H100, "capacity": 0,
+        }))
+        .await;
+    control
+        .create_agent_pool(json!({
+            "subscriptionId": SUB, "resourceGroup": "python-check", "cluster": "aks-python",
+            "name": "gpu", "location": "eastus", "vmSize": H100, "count": 1,
+        }))
+        .await;
+    let ca = std::env::temp_dir().join(format!("outrigger-sim-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca, self::ca(&sim)).expect("the CA written");
+    let python = tokio::task::spawn_blocking(outrigger_tests::harness::moto_bin)
+        .await
+        .expect("the installer ran")
+        .expect("the test bed's Python venv")
+        .join("python");
+    let script = outrigger_tests::harness::repo_root().join("tests/python/azure_sdk_check.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(sim.azure_url())
+        .arg(&ca)
+        .arg(SUB)
+        .output()
+        .await
+        .expect("python runs");
+    let _ = std::fs::remove_file(&ca);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("deleteMachines done, count 1"), "{stdout}");
+    sim.stop().await;
+}
