@@ -11,7 +11,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::config::{Credentials, Region};
 use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
 use outrigger_crds::{CapacityType, Provider};
-use outrigger_tests::harness::{Control, Moto};
+use outrigger_tests::harness::{Control, Moto, eventually};
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::json;
 
@@ -190,17 +190,18 @@ async fn an_agent_pool_changed_elsewhere_is_left_alone() {
     .await;
     control.clear(&id).await;
     // Once done, count is 1: a launch that thinks there are none does not override it.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let error = loop {
-        let error = cloud
-            .launch(&target, &launch(0, 1))
-            .await
-            .expect_err("a conflict");
-        if error.code != "AgentPoolUpdating" || Instant::now() > deadline {
-            break error;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let error = eventually(
+        "the stalled operation to finish",
+        Duration::from_secs(20),
+        || async {
+            let error = cloud
+                .launch(&target, &launch(0, 1))
+                .await
+                .expect_err("a conflict");
+            (error.code != "AgentPoolUpdating").then_some(error)
+        },
+    )
+    .await;
     assert_eq!(
         (error.kind, error.code.as_str()),
         (ErrorKind::Conflict, "CountChangedElsewhere"),
