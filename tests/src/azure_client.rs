@@ -1,27 +1,26 @@
-//! What the tests need to point the real Azure SDK at the simulator: a credential
-//! that hands out one fixed token (the simulator takes any), and an HTTPS client
-//! that trusts the simulator's CA.
+//! What the tests need to point the real Azure SDK at the simulator: azure_identity's
+//! client secret credential, asking the simulator's token endpoint
+//! ([`crate::azure::identity`]), and an HTTPS client that trusts the simulator's CA.
 
 use std::sync::Arc;
 
-use azure_core::TransportOptions;
-use azure_core::auth::{AccessToken, TokenCredential};
+use azure_core::auth::TokenCredential;
+use azure_core::{TransportOptions, Url};
+use azure_identity::ClientSecretCredential;
 
-#[derive(Debug)]
-pub struct StaticToken(pub &'static str);
+/// The tenant the tests' credential names (the simulator serves any).
+const TENANT: &str = "00000000-0000-0000-0000-0000000000aa";
 
-#[async_trait::async_trait]
-impl TokenCredential for StaticToken {
-    async fn get_token(&self, _scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        Ok(AccessToken::new(
-            self.0,
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-        ))
-    }
-
-    async fn clear_cache(&self) -> azure_core::Result<()> {
-        Ok(())
-    }
+/// A client secret credential of `client_id` whose authority host is the
+/// simulator's Azure endpoint `azure_url`, over HTTPS trusting `ca_pem`.
+pub fn credential(azure_url: &str, ca_pem: &[u8], client_id: &str) -> Arc<dyn TokenCredential> {
+    Arc::new(ClientSecretCredential::new(
+        Arc::new(https_client(ca_pem)),
+        Url::parse(azure_url).expect("the simulator's Azure URL"),
+        TENANT.to_string(),
+        client_id.to_string(),
+        "outrigger-test-secret".to_string(),
+    ))
 }
 
 /// A reqwest client that trusts `ca_pem` (the simulator's CA) besides the public

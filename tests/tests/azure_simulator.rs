@@ -3,7 +3,6 @@
 //! followed through `Azure-AsyncOperation` by the test, as the operator must: the
 //! client's own `.await` does not follow it.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use azure_core::headers::HeaderName;
@@ -13,7 +12,7 @@ use azure_mgmt_compute::package_2024_07_01::models::{
 };
 use azure_mgmt_compute::package_2024_07_01::{Client, ClientBuilder};
 use futures::StreamExt;
-use outrigger_tests::azure_client::{StaticToken, https_client, transport};
+use outrigger_tests::azure_client::{credential, https_client, transport};
 use outrigger_tests::harness::{Control, eventually};
 use outrigger_tests::{Simulator, SimulatorConfig};
 use serde_json::{Value, json};
@@ -41,7 +40,7 @@ fn ca(sim: &Simulator) -> &[u8] {
 
 fn client(sim: &Simulator, retries: bool) -> Client {
     let endpoint = azure_core::Url::parse(sim.azure_url()).expect("a URL");
-    let mut builder = ClientBuilder::new(Arc::new(StaticToken("outrigger-test-token")))
+    let mut builder = ClientBuilder::new(credential(sim.azure_url(), ca(sim), "outrigger-test"))
         .endpoint(endpoint)
         .transport(transport(ca(sim)));
     if !retries {
@@ -466,6 +465,38 @@ async fn requests_need_an_api_version_and_a_bearer_token() {
         .await
         .expect("answer");
     assert_eq!(anonymous.status(), reqwest::StatusCode::UNAUTHORIZED);
+    sim.stop().await;
+}
+
+/// The token endpoint beside ARM: azure_identity's client secret credential gets a
+/// bearer token from it, and a request without a secret is refused as the identity
+/// platform refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_endpoint_issues_client_credential_tokens() {
+    let (sim, _control) = simulator().await;
+    let token = credential(sim.azure_url(), ca(&sim), "outrigger-test")
+        .get_token(&["https://management.azure.com/.default"])
+        .await
+        .expect("a token from the simulator");
+    assert!(token.token.secret().starts_with("sim-"));
+    assert!(token.expires_on > time::OffsetDateTime::now_utc() + time::Duration::minutes(50));
+
+    let refused = https_client(ca(&sim))
+        .post(format!("{}/tenant-a/oauth2/v2.0/token", sim.azure_url()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials&client_id=a&scope=s")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(refused.status(), reqwest::StatusCode::BAD_REQUEST);
+    let body: Value = refused.json().await.expect("JSON");
+    assert_eq!(body["error"], "invalid_request");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| d.contains("'client_secret'")),
+        "{body}"
+    );
     sim.stop().await;
 }
 

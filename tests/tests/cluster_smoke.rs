@@ -10,7 +10,6 @@
 //! its faults and outages name a zone and a region no other test uses.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
@@ -25,7 +24,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use outrigger_crds::GpuNodePool;
-use outrigger_tests::azure_client::StaticToken;
 use outrigger_tests::e2e::SimClouds;
 use outrigger_tests::harness::{e2e_requested, eventually};
 use serde_json::{Value, json};
@@ -359,13 +357,17 @@ async fn azure_scale_out_makes_nodes_an_outage_takes_down_and_recovery_brings_ba
         }))
         .await;
 
-    let client = ClientBuilder::new(Arc::new(StaticToken("outrigger-smoke")))
-        .endpoint(azure_core::Url::parse(&run.sim.azure_url).expect("AZURE_ENDPOINT_URL"))
-        .transport(outrigger_tests::azure_client::transport(
-            &run.sim.azure_ca(),
-        ))
-        .build()
-        .expect("an Azure client");
+    let client = ClientBuilder::new(outrigger_tests::azure_client::credential(
+        &run.sim.azure_url,
+        &run.sim.azure_ca(),
+        "outrigger-smoke",
+    ))
+    .endpoint(azure_core::Url::parse(&run.sim.azure_url).expect("AZURE_ENDPOINT_URL"))
+    .transport(outrigger_tests::azure_client::transport(
+        &run.sim.azure_ca(),
+    ))
+    .build()
+    .expect("an Azure client");
     let update = VirtualMachineScaleSetUpdate {
         sku: Some(Sku {
             name: None,

@@ -12,11 +12,13 @@
 //!   then `Succeeded`, or `Failed` with an `error`;
 //! - `GET /subscriptions/{sub}/providers/Microsoft.Compute/skus`.
 //!
-//! Any bearer token is accepted; `api-version` is required, as in ARM.
+//! Any bearer token is accepted; `api-version` is required, as in ARM. Tokens
+//! come from the identity platform's endpoint beside it ([`identity`]).
 
 pub mod agent_pool;
 pub mod cloud;
 pub mod error;
+pub mod identity;
 mod plan;
 pub mod resources;
 pub mod scale_set;
@@ -114,6 +116,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .fallback(unknown_route)
         .layer(middleware::from_fn_with_state(shared.clone(), gate))
+        // Not behind the gate: a token request carries no token and no api-version.
+        .route(identity::TOKEN_PATH, post(identity::token))
         .with_state(shared)
 }
 
