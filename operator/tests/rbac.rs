@@ -145,7 +145,7 @@ const USED: &[Use] = &[
         resource: "deployments",
         verbs: &["create", "patch"],
         file: "controller/model_deployment/mod.rs",
-        code: "decide::Write::Deployment(d) => applier.child(ns, d.as_ref()).await",
+        code: "decide::Write::Deployment(d) => { applier.child(ns, d.as_ref()).await?;",
     },
     Use {
         scope: Scope::Cluster,
@@ -153,7 +153,7 @@ const USED: &[Use] = &[
         resource: "deployments",
         verbs: &["delete"],
         file: "controller/model_deployment/mod.rs",
-        code: "decide::Write::DeleteDeployment(name) => applier.delete::<Deployment>(ns, name)",
+        code: "decide::Write::DeleteDeployment(name) => { applier.delete::<Deployment>(ns, name).await?;",
     },
     Use {
         scope: Scope::Cluster,

@@ -107,11 +107,12 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
     Ok(Action::requeue(RECHECK))
 }
 
+#[tracing::instrument(name = "error_policy", skip_all, fields(controller = CONTROLLER, object = peer.metadata.name.as_deref().unwrap_or_default()))]
 pub fn error_policy(peer: Arc<PeerCluster>, error: &Error, ctx: Arc<Ctx>) -> Action {
     ctx.shared
         .metrics
         .reconcile_failed(CONTROLLER, error.category());
-    tracing::warn!(peer = %peer.name_any(), %error, "reconcile failed; retrying in 5 s");
+    tracing::warn!(%error, "reconcile failed; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))
 }
 

@@ -493,3 +493,71 @@ async fn release_keeps_the_finalizer_while_instances_live() {
     assert!(fake.instances_now().iter().all(|i| !i.live()));
     assert_eq!(finalizer_writes(), 1, "then it goes");
 }
+
+/// A child Deployment of ModelDeployment `ns/md` in pool `aws-a`, as applied (with
+/// `ready` Ready replicas when the store has its status).
+fn child_deployment(replicas: i32, hash: &str, ready: Option<i32>) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "md-aws-a", "namespace": "ns",
+                     "labels": {"outrigger.dev/deployment": "md", "outrigger.dev/pool": "aws-a",
+                                "app.kubernetes.io/managed-by": "outrigger"},
+                     "annotations": {"outrigger.dev/applied-hash": hash}},
+        "spec": {"replicas": replicas,
+                 "selector": {"matchLabels": {"outrigger.dev/deployment": "md"}},
+                 "template": {"spec": {"containers": [{"name": "server", "image": "vllm",
+                     "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}},
+        "status": ready.map(|r| json!({"readyReplicas": r})),
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_written_child_counts_before_its_store_shows_it_and_until_it_does() {
+    use std::sync::atomic::Ordering;
+    let (deployments, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitApply(child_deployment(
+        1,
+        "old",
+        Some(1),
+    )));
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let stores = Stores::new(
+        store_of(vec![pool("aws-a", "aws", json!({}))]),
+        store_of(Vec::new()),
+        store_of(Vec::new()),
+        deployments,
+        store_of(Vec::new()),
+        store_of(Vec::new()),
+        Arc::default(),
+    );
+    let owner = ("ns".to_string(), "md".to_string());
+    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+    let replicas = |stores: &Stores, now| {
+        let inventory = stores.inventory(now);
+        (
+            inventory.current(&owner).get("aws-a").copied(),
+            inventory.ready(&owner).get("aws-a").copied(),
+        )
+    };
+    assert_eq!(replicas(&stores, t0), (Some(1), Some(1)));
+
+    // Applied with 3 replicas: counted at once, with the Ready replicas the store has.
+    stores.wrote("ns", "md-aws-a", Some(child_deployment(3, "new", None)), t0);
+    assert_eq!(replicas(&stores, t0), (Some(3), Some(1)));
+
+    // The watch brings it: the store's copy counts from now on.
+    writer.apply_watcher_event(&watcher::Event::Apply(child_deployment(3, "new", Some(2))));
+    stores.generation.fetch_add(1, Ordering::AcqRel);
+    assert_eq!(replicas(&stores, t0), (Some(3), Some(2)));
+
+    // Deleted: gone from the plan's count before the watch says so.
+    stores.wrote("ns", "md-aws-a", None, t0);
+    assert_eq!(replicas(&stores, t0), (None, None));
+
+    // A write the store never shows is trusted for 30 s only.
+    let later = t0 + std::time::Duration::from_secs(31);
+    stores.generation.fetch_add(1, Ordering::AcqRel);
+    assert_eq!(replicas(&stores, later), (Some(3), Some(2)));
+}

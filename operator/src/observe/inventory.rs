@@ -721,6 +721,9 @@ impl Inventory {
                 soonest(until);
             }
             let mut nodes = Vec::new();
+            // Per node, the GPUs of its free room that this deployment's own bound
+            // pods hold.
+            let mut held = Vec::new();
             // Booting nodes stay out: the solver sees them as room to grow.
             for n in self
                 .nodes_in(i)
@@ -763,6 +766,7 @@ impl Inventory {
                         free_gpus: 0,
                     },
                 };
+                held.push(own.min(node.free_gpus));
                 nodes.push(node);
             }
             let shared = self.offering_backoff(i).filter(|b| b.until.0 > now);
@@ -785,9 +789,17 @@ impl Inventory {
                 !matches!(state, Health::Unhealthy { .. }),
             );
             // Replicas other ModelDeployments planned here but that are not bound
-            // yet will take room too.
+            // yet will take room too, but only room that nothing is bound to: the
+            // scheduler cannot give them what this deployment's own pods hold, so
+            // they never make its running replicas look out of place.
+            for (node, held) in solver_pool.nodes.iter_mut().zip(&held) {
+                node.free_gpus -= held;
+            }
             for child in self.children_in(&name).filter(|c| &c.owner != owner) {
                 solver_pool.reserve(child.replicas.saturating_sub(child.scheduled), child.gpus);
+            }
+            for (node, held) in solver_pool.nodes.iter_mut().zip(&held) {
+                node.free_gpus += held;
             }
             pools.push(solver_pool);
             health.insert(name, state);

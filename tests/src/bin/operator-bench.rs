@@ -177,6 +177,52 @@ fn memory_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// CPU seconds (user + system) process `pid` has used, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line (11 and 12 after the name).
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
+/// The processes the 2 cores are shared by: the local cluster's (their pids in
+/// `$OUTRIGGER_CLUSTER_DIR/pids`) and the operator.
+fn processes(operator: Option<u32>) -> Vec<(String, u32)> {
+    let dir = e2e::audit_log()
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("pids"));
+    let mut found: Vec<(String, u32)> = dir
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".pid")?
+                .to_string();
+            let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+            Some((name, pid))
+        })
+        .collect();
+    found.extend(operator.map(|pid| ("outrigger".to_string(), pid)));
+    found.sort();
+    found
+}
+
+/// CPU seconds per process now.
+fn cpu_use(processes: &[(String, u32)]) -> Vec<(String, f64)> {
+    processes
+        .iter()
+        .filter_map(|(name, pid)| Some((name.clone(), cpu_seconds(*pid)?)))
+        .collect()
+}
+
 fn is_ready(md: &ModelDeployment) -> bool {
     md.status.as_ref().is_some_and(|s| {
         s.conditions
@@ -269,6 +315,8 @@ async fn main() {
 
     let api: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
     let regions = fleet.regions();
+    let busy = processes(operator.pid());
+    let cpu_before = cpu_use(&busy);
     let applied = Instant::now();
     for i in 0..deployments {
         let md: ModelDeployment = serde_json::from_value(json!({
@@ -292,6 +340,7 @@ async fn main() {
             panic!("not all {deployments} ModelDeployments Ready within {READY_WITHIN:?}")
         });
     let ready_after = ready_after.duration_since(applied);
+    let cpu_after = cpu_use(&busy);
 
     let controller = "controller=\"modeldeployment\"";
     let metrics = operator
@@ -398,6 +447,17 @@ async fn main() {
     println!(
         "all Ready: {:.1} s after the first apply (goal: 60 s)",
         ready_after.as_secs_f64()
+    );
+    let spent: Vec<String> = cpu_after
+        .iter()
+        .filter_map(|(name, after)| {
+            let before = cpu_before.iter().find(|(n, _)| n == name)?.1;
+            Some(format!("{name} {:.1} s", after - before))
+        })
+        .collect();
+    println!(
+        "CPU used from the first apply to all Ready: {}",
+        spent.join(", ")
     );
     println!("reconcile latency (modeldeployment): {}", latency(&buckets));
     println!("  of which deciding (no I/O): {}", latency(&deciding));

@@ -261,7 +261,7 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     let mut first: Vec<_> = decision
         .grow
         .iter()
-        .map(|w| futures::future::Either::Left(write(&shared.applier, &key.0, w)))
+        .map(|w| futures::future::Either::Left(write(shared, &key.0, w)))
         .collect();
     let mut last = None;
     if refused_before {
@@ -269,10 +269,7 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     } else {
         first.extend(status_write.map(futures::future::Either::Right));
     }
-    let then = decision
-        .then
-        .iter()
-        .map(|w| write(&shared.applier, &key.0, w));
+    let then = decision.then.iter().map(|w| write(shared, &key.0, w));
     // Every write of a step finishes (none is dropped in flight) before an error
     // is looked at, so the ApplyFailed condition is the last word.
     let all = |results: Vec<Result<(), Error>>| results.into_iter().collect::<Result<(), Error>>();
@@ -443,12 +440,26 @@ fn existing(key: &Key, inventory: &Inventory, stores: &Stores) -> decide::Existi
     }
 }
 
-async fn write(applier: &Applier, ns: &str, write: &decide::Write) -> Result<(), Error> {
+/// Performs one write; a child Deployment written is told to the stores, so the
+/// next plan counts it before the watch brings it.
+async fn write(shared: &Context, ns: &str, write: &decide::Write) -> Result<(), Error> {
+    let applier = &shared.applier;
     match write {
-        decide::Write::Deployment(d) => applier.child(ns, d.as_ref()).await,
+        decide::Write::Deployment(d) => {
+            applier.child(ns, d.as_ref()).await?;
+            let name = d.metadata.name.as_deref().unwrap_or_default();
+            shared
+                .stores
+                .wrote(ns, name, Some(d.as_ref().clone()), shared.now());
+            Ok(())
+        }
         decide::Write::Service(s) => applier.child(ns, s.as_ref()).await,
         decide::Write::Budget(b) => applier.child(ns, b.as_ref()).await,
-        decide::Write::DeleteDeployment(name) => applier.delete::<Deployment>(ns, name).await,
+        decide::Write::DeleteDeployment(name) => {
+            applier.delete::<Deployment>(ns, name).await?;
+            shared.stores.wrote(ns, name, None, shared.now());
+            Ok(())
+        }
         decide::Write::DeleteService(name) => applier.delete::<Service>(ns, name).await,
     }
 }

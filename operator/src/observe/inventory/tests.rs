@@ -186,3 +186,39 @@ fn booting_nodes_are_room_to_grow_and_do_not_make_a_pool_lost() {
     assert_eq!(view.pools[0].capacity(8), 2, "both nodes of nodes.max");
     assert_eq!(view.health["aws-a"], Health::Healthy);
 }
+
+#[test]
+fn replicas_of_others_not_bound_yet_never_take_the_room_own_pods_hold() {
+    // One node of 8 GPUs, nodes.max 1: this deployment's bound replica holds 4 of
+    // them, and another deployment has 2 replicas of 4 GPUs planned here, Pending.
+    let mut pool = (*pool()).clone();
+    pool.spec.nodes.max = 1;
+    let owner: Key = ("ns".into(), "md".into());
+    let other: Key = ("ns".into(), "other".into());
+    let facts = vec![NodeFacts {
+        name: "n0".into(),
+        pool: Some(0),
+        readiness: Readiness::Ready,
+        allocatable: 8,
+        used: vec![(Some(owner.clone()), 4)],
+        provider_id: None,
+        cordoned: false,
+        interruption: None,
+    }];
+    let pending = Child {
+        owner: other,
+        pool: "aws-a".into(),
+        name: "other-aws-a".into(),
+        replicas: 2,
+        ready: 0,
+        gpus: 4,
+        scheduled: 0,
+        applied_hash: None,
+    };
+    let inventory = Inventory::from_facts(vec![Arc::new(pool)], facts, vec![pending]);
+    let now = at("2026-01-01T00:05:00Z");
+    let view = inventory.view(&owner, Duration::from_secs(5), Duration::from_secs(20), now);
+    // The other deployment's replicas take the 4 free GPUs (one of them fits);
+    // this deployment's own replica keeps its place.
+    assert_eq!(view.pools[0].capacity(4), 1);
+}
