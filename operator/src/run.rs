@@ -32,6 +32,7 @@ use crate::observe::trim;
 use crate::observe::watch::{
     Notify, mirror, node_fingerprint, pod_fingerprint, pokes, pool_fingerprint, route,
 };
+use crate::observe::written::WrittenChildren;
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 
 #[derive(clap::Args, Debug)]
@@ -443,6 +444,7 @@ async fn run_controllers(
         Notify::Fingerprint(changed.clone(), pool_fingerprint),
         Some(generation.clone()),
     );
+    let written = WrittenChildren::default();
     let stores = Stores::new(
         pools_store.clone(),
         mirror(
@@ -469,7 +471,7 @@ async fn run_controllers(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels(&managed),
             trim::deployment,
-            Notify::Owner(children_changed),
+            Notify::Owner(children_changed, written.clone()),
             Some(generation.clone()),
         ),
         mirror(
@@ -487,7 +489,8 @@ async fn run_controllers(
             None,
         ),
         generation,
-    );
+    )
+    .with_written(written);
     for (what, waited) in [
         (
             "GpuNodePools",

@@ -145,7 +145,7 @@ const USED: &[Use] = &[
         resource: "deployments",
         verbs: &["create", "patch"],
         file: "controller/model_deployment/mod.rs",
-        code: "decide::Write::Deployment(d) => { applier.child(ns, d.as_ref()).await?;",
+        code: "decide::Write::Deployment(d) => { let applied = applier.child(ns, d.as_ref()).await?;",
     },
     Use {
         scope: Scope::Cluster,

@@ -61,10 +61,10 @@ impl Applier {
         &self.client
     }
 
-    /// Applies `desired` (a child, stamped with its applied hash) in `namespace`.
-    /// The caller skips children whose cached copy carries the same hash
-    /// ([`applied_hash`]).
-    pub async fn child<K>(&self, namespace: &str, desired: &K) -> Result<(), Error>
+    /// Applies `desired` (a child, stamped with its applied hash) in `namespace`,
+    /// and returns the object as the API server answered. The caller skips children
+    /// whose cached copy carries the same hash ([`applied_hash`]).
+    pub async fn child<K>(&self, namespace: &str, desired: &K) -> Result<K, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Serialize
@@ -74,19 +74,20 @@ impl Applier {
     {
         let name = desired.meta().name.clone().unwrap_or_default();
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
-        api.patch(
-            &name,
-            &PatchParams::apply(manager::CHILDREN).force(),
-            &Patch::Apply(desired),
-        )
-        .await
-        .map_err(|source| Error::Apply {
-            kind: K::kind(&()).to_string(),
-            name,
-            source,
-        })?;
+        let applied = api
+            .patch(
+                &name,
+                &PatchParams::apply(manager::CHILDREN).force(),
+                &Patch::Apply(desired),
+            )
+            .await
+            .map_err(|source| Error::Apply {
+                kind: K::kind(&()).to_string(),
+                name,
+                source,
+            })?;
         self.metrics.wrote(&K::plural(&()), "apply");
-        Ok(())
+        Ok(applied)
     }
 
     /// Deletes a child; one that is gone already counts as deleted.

@@ -2,20 +2,20 @@
 //! clock, metrics and the Event recorder. Each controller keeps its own state in
 //! its own context (`model_deployment::Ctx`, `scaler::Ctx`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use outrigger_crds::{CapacityBackoff, GpuNodePool, Provider};
 
 use crate::cloud::{CloudError, Clouds};
 use crate::observe::inventory::{Inventory, LostClock};
+use crate::observe::written::WrittenChildren;
 use crate::telemetry::Metrics;
 
 pub mod apply;
@@ -27,20 +27,9 @@ pub mod scaler;
 #[cfg(test)]
 mod tests;
 
-/// An inventory and the store generation it was built at.
-type Built = Option<(u64, Arc<Inventory>)>;
-
-/// How long a written child waits for the store to show it before the store is
-/// trusted again: a watch event is normally milliseconds behind the write; one
-/// missing for this long was lost, and the next relist tells the truth.
-const WRITTEN_FOR: SignedDuration = SignedDuration::from_secs(30);
-
-/// A child Deployment this operator wrote whose change its store may not show yet.
-struct Written {
-    /// The applied object, or `None` when it was deleted.
-    deployment: Option<Arc<Deployment>>,
-    at: Timestamp,
-}
+/// An inventory, the store generation it was built at, and when a write it counts
+/// stops counting (it is built again then).
+type Built = Option<(u64, Option<Timestamp>, Arc<Inventory>)>;
 
 /// Caches of everything the controllers read; they never list on a reconcile.
 #[derive(Clone)]
@@ -61,11 +50,10 @@ pub struct Stores {
     /// Capacity the clouds reclaimed (spot interruptions), as offering backoffs,
     /// until the scalers' pool statuses carry them.
     reclaimed: Arc<std::sync::Mutex<Vec<(Provider, CapacityBackoff)>>>,
-    /// Child Deployments written (by namespace and name) that the store does not
-    /// show yet: the inventory counts them as written, so the next plan sees the
-    /// room the last one took (and a second pass does not write the same child
-    /// again) before the watch event arrives.
-    written: Arc<std::sync::Mutex<BTreeMap<(String, String), Written>>>,
+    /// Child Deployments written that the store does not show yet: the inventory
+    /// counts them, so the next plan sees the room the last one took (and a second
+    /// pass does not write the same child again) before the watch brings them.
+    written: WrittenChildren,
 }
 
 impl Stores {
@@ -89,70 +77,21 @@ impl Stores {
             built: Arc::default(),
             lost_clock: Arc::default(),
             reclaimed: Arc::default(),
-            written: Arc::default(),
+            written: WrittenChildren::default(),
         }
     }
 
-    /// Records a child Deployment this operator applied (`Some`) or deleted
-    /// (`None`), so that the inventory counts it before the store shows it.
-    pub fn wrote(
-        &self,
-        namespace: &str,
-        name: &str,
-        deployment: Option<Deployment>,
-        now: Timestamp,
-    ) {
-        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.insert(
-            (namespace.to_string(), name.to_string()),
-            Written {
-                deployment: deployment.map(Arc::new),
-                at: now,
-            },
-        );
+    /// These stores, with the written children their Deployment watch reports to.
+    pub fn with_written(self, written: WrittenChildren) -> Stores {
+        Stores { written, ..self }
+    }
+
+    /// Records a child Deployment this operator applied (`Some`, as the API server
+    /// answered) or deleted (`None`), so that the inventory counts it before the
+    /// store shows it.
+    pub fn wrote(&self, namespace: &str, name: &str, applied: Option<Deployment>, now: Timestamp) {
+        self.written.wrote(namespace, name, applied, now);
         self.generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// The child Deployments as the inventory counts them: the store's, with the
-    /// writes it does not show yet in their place. A write the store shows, or one
-    /// older than [`WRITTEN_FOR`], is forgotten.
-    fn deployments(&self, now: Timestamp) -> Vec<Arc<Deployment>> {
-        let mut stored = self.deployments.state();
-        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
-        written.retain(|(ns, name), w| {
-            let seen = self.deployments.get(&ObjectRef::new(name).within(ns));
-            let shown = match (&w.deployment, seen) {
-                (None, seen) => seen.is_none(),
-                (Some(d), Some(seen)) => {
-                    apply::applied_hash(&seen.metadata) == apply::applied_hash(&d.metadata)
-                }
-                (Some(_), None) => false,
-            };
-            !shown && now.duration_since(w.at) < WRITTEN_FOR
-        });
-        if written.is_empty() {
-            return stored;
-        }
-        stored.retain(|d| {
-            let key = (
-                d.metadata.namespace.clone().unwrap_or_default(),
-                d.metadata.name.clone().unwrap_or_default(),
-            );
-            !written.contains_key(&key)
-        });
-        for ((ns, name), w) in written.iter() {
-            let Some(applied) = &w.deployment else {
-                continue;
-            };
-            // The written spec, with the status the store has (its Ready replicas).
-            let mut merged = applied.as_ref().clone();
-            merged.status = self
-                .deployments
-                .get(&ObjectRef::new(name).within(ns))
-                .and_then(|d| d.status.clone());
-            stored.push(Arc::new(merged));
-        }
-        stored
     }
 
     /// Records reclaimed capacity as a backoff of its offering, and has the next
@@ -172,23 +111,25 @@ impl Stores {
         let generation = self.generation.load(Ordering::Acquire);
         // A panic while a lock is held leaves plain data behind; carry on with it.
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, inventory)) = built.as_ref()
+        if let Some((at, ends, inventory)) = built.as_ref()
             && *at == generation
+            && ends.is_none_or(|ends| now < ends)
         {
             return inventory.clone();
         }
         let mut clock = self.lost_clock.lock().unwrap_or_else(|e| e.into_inner());
+        let (deployments, ends) = self.written.overlay(&self.deployments, now);
         let mut inventory = Inventory::new(
             self.pools.state(),
             &self.nodes.state(),
             &self.pods.state(),
-            &self.deployments(now),
+            &deployments,
             now,
             &mut clock,
         );
         inventory.reclaimed(&self.reclaimed.lock().unwrap_or_else(|e| e.into_inner()));
         let inventory = Arc::new(inventory);
-        *built = Some((generation, inventory.clone()));
+        *built = Some((generation, ends, inventory.clone()));
         inventory
     }
 }

@@ -494,12 +494,12 @@ async fn release_keeps_the_finalizer_while_instances_live() {
     assert_eq!(finalizer_writes(), 1, "then it goes");
 }
 
-/// A child Deployment of ModelDeployment `ns/md` in pool `aws-a`, as applied (with
-/// `ready` Ready replicas when the store has its status).
-fn child_deployment(replicas: i32, hash: &str, ready: Option<i32>) -> Deployment {
+/// A child Deployment of ModelDeployment `ns/md` in pool `aws-a` (object `uid`),
+/// as applied (with `ready` Ready replicas when it has a status).
+fn child_deployment(uid: &str, replicas: i32, hash: &str, ready: Option<i32>) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "md-aws-a", "namespace": "ns",
+        "metadata": {"name": "md-aws-a", "namespace": "ns", "uid": uid,
                      "labels": {"outrigger.dev/deployment": "md", "outrigger.dev/pool": "aws-a",
                                 "app.kubernetes.io/managed-by": "outrigger"},
                      "annotations": {"outrigger.dev/applied-hash": hash}},
@@ -513,16 +513,19 @@ fn child_deployment(replicas: i32, hash: &str, ready: Option<i32>) -> Deployment
 }
 
 #[test]
-fn a_written_child_counts_before_its_store_shows_it_and_until_it_does() {
+fn a_written_child_counts_from_its_apply_until_the_watch_shows_it() {
+    use crate::observe::written::WrittenChildren;
     use std::sync::atomic::Ordering;
     let (deployments, mut writer) = reflector::store();
     writer.apply_watcher_event(&watcher::Event::Init);
     writer.apply_watcher_event(&watcher::Event::InitApply(child_deployment(
+        "u1",
         1,
         "old",
         Some(1),
     )));
     writer.apply_watcher_event(&watcher::Event::InitDone);
+    let written = WrittenChildren::default();
     let stores = Stores::new(
         store_of(vec![pool("aws-a", "aws", json!({}))]),
         store_of(Vec::new()),
@@ -531,33 +534,108 @@ fn a_written_child_counts_before_its_store_shows_it_and_until_it_does() {
         store_of(Vec::new()),
         store_of(Vec::new()),
         Arc::default(),
-    );
+    )
+    .with_written(written.clone());
+    // What the Deployment watch does: the store first, then the written children,
+    // then the generation.
+    let mut watch = |event: watcher::Event<Deployment>| {
+        writer.apply_watcher_event(&event);
+        match &event {
+            watcher::Event::Apply(d) => written.seen(&d.metadata, false),
+            watcher::Event::Delete(d) => written.seen(&d.metadata, true),
+            _ => {}
+        }
+        stores.generation.fetch_add(1, Ordering::AcqRel);
+    };
     let owner = ("ns".to_string(), "md".to_string());
     let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-    let replicas = |stores: &Stores, now| {
+    let counted = |now| {
         let inventory = stores.inventory(now);
         (
             inventory.current(&owner).get("aws-a").copied(),
             inventory.ready(&owner).get("aws-a").copied(),
         )
     };
-    assert_eq!(replicas(&stores, t0), (Some(1), Some(1)));
+    assert_eq!(counted(t0), (Some(1), Some(1)));
 
-    // Applied with 3 replicas: counted at once, with the Ready replicas the store has.
-    stores.wrote("ns", "md-aws-a", Some(child_deployment(3, "new", None)), t0);
-    assert_eq!(replicas(&stores, t0), (Some(3), Some(1)));
+    // Applied with 3 replicas: counted at once, with the Ready replicas the store
+    // has of the same object.
+    stores.wrote(
+        "ns",
+        "md-aws-a",
+        Some(child_deployment("u1", 3, "new", Some(1))),
+        t0,
+    );
+    assert_eq!(counted(t0), (Some(3), Some(1)));
+    // The watch shows it: from then on the store alone counts, also a later change
+    // someone else makes.
+    watch(watcher::Event::Apply(child_deployment(
+        "u1",
+        3,
+        "new",
+        Some(2),
+    )));
+    assert_eq!(counted(t0), (Some(3), Some(2)));
+    watch(watcher::Event::Apply(child_deployment(
+        "u1",
+        5,
+        "theirs",
+        Some(2),
+    )));
+    assert_eq!(counted(t0), (Some(5), Some(2)));
 
-    // The watch brings it: the store's copy counts from now on.
-    writer.apply_watcher_event(&watcher::Event::Apply(child_deployment(3, "new", Some(2))));
-    stores.generation.fetch_add(1, Ordering::AcqRel);
-    assert_eq!(replicas(&stores, t0), (Some(3), Some(2)));
-
-    // Deleted: gone from the plan's count before the watch says so.
+    // Deleted: gone before the watch says so.
     stores.wrote("ns", "md-aws-a", None, t0);
-    assert_eq!(replicas(&stores, t0), (None, None));
+    assert_eq!(counted(t0), (None, None));
+    watch(watcher::Event::Delete(child_deployment(
+        "u1",
+        5,
+        "theirs",
+        Some(2),
+    )));
+    assert_eq!(counted(t0), (None, None));
 
-    // A write the store never shows is trusted for 30 s only.
+    // Created again, shown and deleted by someone else before the next build:
+    // nothing counts.
+    stores.wrote(
+        "ns",
+        "md-aws-a",
+        Some(child_deployment("u2", 2, "again", None)),
+        t0,
+    );
+    watch(watcher::Event::Apply(child_deployment(
+        "u2", 2, "again", None,
+    )));
+    watch(watcher::Event::Delete(child_deployment(
+        "u2", 2, "again", None,
+    )));
+    assert_eq!(counted(t0), (None, None));
+
+    // Written while the store still holds another object of the same name: its
+    // Ready replicas are not this one's.
+    watch(watcher::Event::Apply(child_deployment(
+        "u3",
+        2,
+        "gone-soon",
+        Some(2),
+    )));
+    stores.wrote(
+        "ns",
+        "md-aws-a",
+        Some(child_deployment("u4", 2, "fresh", None)),
+        t0,
+    );
+    assert_eq!(counted(t0), (Some(2), Some(0)));
+
+    // A write the watch never shows counts for 30 s, then the store does, with no
+    // other change to build the inventory again.
+    stores.wrote(
+        "ns",
+        "md-aws-a",
+        Some(child_deployment("u3", 4, "lost", None)),
+        t0,
+    );
+    assert_eq!(counted(t0), (Some(4), Some(2)));
     let later = t0 + std::time::Duration::from_secs(31);
-    stores.generation.fetch_add(1, Ordering::AcqRel);
-    assert_eq!(replicas(&stores, later), (Some(3), Some(2)));
+    assert_eq!(counted(later), (Some(2), Some(2)));
 }

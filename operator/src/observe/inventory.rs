@@ -792,6 +792,7 @@ impl Inventory {
             // yet will take room too, but only room that nothing is bound to: the
             // scheduler cannot give them what this deployment's own pods hold, so
             // they never make its running replicas look out of place.
+            debug_assert_eq!(held.len(), solver_pool.nodes.len());
             for (node, held) in solver_pool.nodes.iter_mut().zip(&held) {
                 node.free_gpus -= held;
             }

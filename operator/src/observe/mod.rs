@@ -4,9 +4,12 @@
 //! GPUs, health and backoff; per ModelDeployment its children and their ready
 //! replicas. With peers (`peers`), the same facts as each cluster publishes them,
 //! and the pools of every cluster as one ModelDeployment sees them (`global`).
+//! Child Deployments this operator wrote count before the watch shows them
+//! (`written`).
 
 pub mod global;
 pub mod inventory;
 pub mod peers;
 pub mod trim;
 pub mod watch;
+pub mod written;

@@ -21,6 +21,7 @@ use outrigger_crds::{GpuNodePool, ModelDeployment};
 use tokio::sync::watch;
 
 use super::inventory;
+use super::written::WrittenChildren;
 use crate::controller::model_deployment;
 
 /// A ModelDeployment as its controller names it.
@@ -46,8 +47,9 @@ pub enum Notify<K> {
         pools_changed: mpsc::UnboundedSender<String>,
         pools: Store<GpuNodePool>,
     },
-    /// Hand every changed or deleted object's owning ModelDeployment to its controller.
-    Owner(mpsc::UnboundedSender<MdRef>),
+    /// Hand every changed or deleted object's owning ModelDeployment to its
+    /// controller, and tell the written children what the watch saw.
+    Owner(mpsc::UnboundedSender<MdRef>, WrittenChildren),
 }
 
 /// A reflector whose store the controllers read, kept current by its own task.
@@ -153,7 +155,7 @@ where
                             usage.send_modify(|n| *n += 1);
                             everyone.send_modify(|n| *n += 1);
                         }
-                        Notify::Nobody | Notify::Owner(_) => {}
+                        Notify::Nobody | Notify::Owner(..) => {}
                     }
                     continue;
                 }
@@ -212,8 +214,13 @@ where
                     }
                     usage.send_modify(|n| *n += 1);
                 }
-                Notify::Owner(sender) => {
+                Notify::Owner(sender, written) => {
                     let meta = obj.meta();
+                    // During a relist the store swaps the listing in only at its end;
+                    // the inventory's own check covers what it shows then.
+                    if listing.is_none() {
+                        written.seen(meta, deleted);
+                    }
                     if let Some((ns, name)) =
                         inventory::owner_of(meta.labels.as_ref(), meta.namespace.as_ref())
                     {

@@ -116,7 +116,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .fallback(unknown_route)
         .layer(middleware::from_fn_with_state(shared.clone(), gate))
-        // Not behind the gate: a token request carries no token and no api-version.
+        // Not behind the gate (a layer wraps only the routes added before it): a
+        // token request carries no token and no api-version.
         .route(identity::TOKEN_PATH, post(identity::token))
         .with_state(shared)
 }

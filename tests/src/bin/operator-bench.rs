@@ -191,12 +191,15 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 /// The processes the 2 cores are shared by: the local cluster's (their pids in
 /// `$OUTRIGGER_CLUSTER_DIR/pids`) and the operator.
 fn processes(operator: Option<u32>) -> Vec<(String, u32)> {
-    let dir = e2e::audit_log()
-        .parent()
-        .and_then(std::path::Path::parent)
-        .map(|d| d.join("pids"));
-    let mut found: Vec<(String, u32)> = dir
-        .and_then(|d| std::fs::read_dir(d).ok())
+    let dir = std::env::var("OUTRIGGER_CLUSTER_DIR").map_or_else(
+        |_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/outrigger/cluster")
+        },
+        std::path::PathBuf::from,
+    );
+    let mut found: Vec<(String, u32)> = std::fs::read_dir(dir.join("pids"))
+        .ok()
         .into_iter()
         .flatten()
         .filter_map(|entry| {
@@ -219,7 +222,13 @@ fn processes(operator: Option<u32>) -> Vec<(String, u32)> {
 fn cpu_use(processes: &[(String, u32)]) -> Vec<(String, f64)> {
     processes
         .iter()
-        .filter_map(|(name, pid)| Some((name.clone(), cpu_seconds(*pid)?)))
+        .filter_map(|(name, pid)| match cpu_seconds(*pid) {
+            Some(seconds) => Some((name.clone(), seconds)),
+            None => {
+                println!("CPU use of {name} (pid {pid}) not readable; left out");
+                None
+            }
+        })
         .collect()
 }
 

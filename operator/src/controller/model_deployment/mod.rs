@@ -446,15 +446,13 @@ async fn write(shared: &Context, ns: &str, write: &decide::Write) -> Result<(), 
     let applier = &shared.applier;
     match write {
         decide::Write::Deployment(d) => {
-            applier.child(ns, d.as_ref()).await?;
+            let applied = applier.child(ns, d.as_ref()).await?;
             let name = d.metadata.name.as_deref().unwrap_or_default();
-            shared
-                .stores
-                .wrote(ns, name, Some(d.as_ref().clone()), shared.now());
+            shared.stores.wrote(ns, name, Some(applied), shared.now());
             Ok(())
         }
-        decide::Write::Service(s) => applier.child(ns, s.as_ref()).await,
-        decide::Write::Budget(b) => applier.child(ns, b.as_ref()).await,
+        decide::Write::Service(s) => applier.child(ns, s.as_ref()).await.map(drop),
+        decide::Write::Budget(b) => applier.child(ns, b.as_ref()).await.map(drop),
         decide::Write::DeleteDeployment(name) => {
             applier.delete::<Deployment>(ns, name).await?;
             shared.stores.wrote(ns, name, None, shared.now());

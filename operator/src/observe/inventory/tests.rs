@@ -193,6 +193,8 @@ fn replicas_of_others_not_bound_yet_never_take_the_room_own_pods_hold() {
     // them, and another deployment has 2 replicas of 4 GPUs planned here, Pending.
     let mut pool = (*pool()).clone();
     pool.spec.nodes.max = 1;
+    let mut roomier = pool.clone();
+    roomier.spec.nodes.max = 2;
     let owner: Key = ("ns".into(), "md".into());
     let other: Key = ("ns".into(), "other".into());
     let facts = vec![NodeFacts {
@@ -215,10 +217,19 @@ fn replicas_of_others_not_bound_yet_never_take_the_room_own_pods_hold() {
         scheduled: 0,
         applied_hash: None,
     };
-    let inventory = Inventory::from_facts(vec![Arc::new(pool)], facts, vec![pending]);
     let now = at("2026-01-01T00:05:00Z");
-    let view = inventory.view(&owner, Duration::from_secs(5), Duration::from_secs(20), now);
+    let capacity = |pool: GpuNodePool| {
+        let inventory =
+            Inventory::from_facts(vec![Arc::new(pool)], facts.clone(), vec![pending.clone()]);
+        inventory
+            .view(&owner, Duration::from_secs(5), Duration::from_secs(20), now)
+            .pools[0]
+            .capacity(4)
+    };
     // The other deployment's replicas take the 4 free GPUs (one of them fits);
     // this deployment's own replica keeps its place.
-    assert_eq!(view.pools[0].capacity(4), 1);
+    assert_eq!(capacity(pool), 1);
+    // With room for a second node, the other replica is planned on it, and the
+    // first node still holds this deployment's replica and room for one more.
+    assert_eq!(capacity(roomier), 2);
 }
