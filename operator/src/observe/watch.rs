@@ -130,6 +130,16 @@ where
             let Some(event) = event else { break };
             if let Ok(event) = &event {
                 writer.apply_watcher_event(event);
+                // Before the generation moves, so no inventory is built from a store
+                // that shows the write beside an entry that still counts it. (During
+                // a relist, InitApply, the inventory's own check covers it.)
+                if let Notify::Owner(_, written) = &notify {
+                    match event {
+                        watcher::Event::Apply(obj) => written.seen(obj.meta(), false),
+                        watcher::Event::Delete(obj) => written.seen(obj.meta(), true),
+                        _ => {}
+                    }
+                }
             }
             if event.is_ok()
                 && let Some(generation) = &generation
@@ -214,13 +224,8 @@ where
                     }
                     usage.send_modify(|n| *n += 1);
                 }
-                Notify::Owner(sender, written) => {
+                Notify::Owner(sender, _) => {
                     let meta = obj.meta();
-                    // During a relist the store swaps the listing in only at its end;
-                    // the inventory's own check covers what it shows then.
-                    if listing.is_none() {
-                        written.seen(meta, deleted);
-                    }
                     if let Some((ns, name)) =
                         inventory::owner_of(meta.labels.as_ref(), meta.namespace.as_ref())
                     {
