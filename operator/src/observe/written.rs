@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use crate::labels;
+use crate::controller::apply::applied_hash as hash_of;
 
 /// How long a written child waits for the watch before the store is trusted
 /// again: a watch event is normally milliseconds behind the write; one missing for
@@ -38,13 +38,6 @@ fn key_of(meta: &ObjectMeta) -> (String, String) {
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),
     )
-}
-
-fn hash_of(meta: &ObjectMeta) -> Option<&str> {
-    meta.annotations
-        .as_ref()?
-        .get(labels::APPLIED_HASH)
-        .map(String::as_str)
 }
 
 impl WrittenChildren {
