@@ -639,3 +639,59 @@ fn a_written_child_counts_from_its_apply_until_the_watch_shows_it() {
     let later = t0 + std::time::Duration::from_secs(31);
     assert_eq!(counted(later), (Some(2), Some(2)));
 }
+
+#[test]
+fn a_child_applied_again_with_the_same_spec_is_not_ended_by_the_old_ones_delete() {
+    use crate::observe::written::WrittenChildren;
+    use std::sync::atomic::Ordering;
+    let (deployments, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    writer.apply_watcher_event(&watcher::Event::InitApply(child_deployment(
+        "u1",
+        2,
+        "same",
+        Some(2),
+    )));
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let written = WrittenChildren::default();
+    let stores = Stores::new(
+        store_of(vec![pool("aws-a", "aws", json!({}))]),
+        store_of(Vec::new()),
+        store_of(Vec::new()),
+        deployments,
+        store_of(Vec::new()),
+        store_of(Vec::new()),
+        Arc::default(),
+    )
+    .with_written(written.clone());
+    let owner = ("ns".to_string(), "md".to_string());
+    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+    let counted = || {
+        let inventory = stores.inventory(t0);
+        (
+            inventory.current(&owner).get("aws-a").copied(),
+            inventory.ready(&owner).get("aws-a").copied(),
+        )
+    };
+    // Deleted, then applied again with the same spec: a new object, none Ready yet.
+    stores.wrote("ns", "md-aws-a", None, t0);
+    stores.wrote(
+        "ns",
+        "md-aws-a",
+        Some(child_deployment("u2", 2, "same", None)),
+        t0,
+    );
+    assert_eq!(counted(), (Some(2), Some(0)));
+    // The old object's delete arrives: the new one still counts.
+    let old = child_deployment("u1", 2, "same", Some(2));
+    writer.apply_watcher_event(&watcher::Event::Delete(old.clone()));
+    written.seen(&old.metadata, true);
+    stores.generation.fetch_add(1, Ordering::AcqRel);
+    assert_eq!(counted(), (Some(2), Some(0)));
+    // Then the new one: the store counts it.
+    let new = child_deployment("u2", 2, "same", Some(1));
+    writer.apply_watcher_event(&watcher::Event::Apply(new.clone()));
+    written.seen(&new.metadata, false);
+    stores.generation.fetch_add(1, Ordering::AcqRel);
+    assert_eq!(counted(), (Some(2), Some(1)));
+}

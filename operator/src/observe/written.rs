@@ -40,6 +40,12 @@ fn key_of(meta: &ObjectMeta) -> (String, String) {
     )
 }
 
+/// The same object (uid) with the same applied spec: not an older object of the
+/// same name that is still going, even one applied with the same spec.
+fn same(applied: &ObjectMeta, seen: &ObjectMeta) -> bool {
+    applied.uid == seen.uid && hash_of(applied) == hash_of(seen)
+}
+
 impl WrittenChildren {
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), Entry>> {
         // A panic while the lock is held leaves plain data behind; carry on with it.
@@ -58,14 +64,14 @@ impl WrittenChildren {
     }
 
     /// What the Deployment watch saw, once its store holds it: the written change
-    /// itself (the same applied hash, or the delete), or the written child deleted
-    /// after it, ends the entry.
+    /// itself (the same object with the same applied hash, or the delete), or the
+    /// written child deleted after it, ends the entry.
     pub fn seen(&self, meta: &ObjectMeta, deleted: bool) {
         let mut entries = self.entries();
         let key = key_of(meta);
         let done = entries.get(&key).is_some_and(|e| match &e.applied {
             None => deleted,
-            Some(applied) => hash_of(&applied.metadata) == hash_of(meta),
+            Some(applied) => same(&applied.metadata, meta),
         });
         if done {
             entries.remove(&key);
@@ -87,9 +93,7 @@ impl WrittenChildren {
         entries.retain(|(ns, name), e| {
             let shown = match (&e.applied, store.get(&ObjectRef::new(name).within(ns))) {
                 (None, seen) => seen.is_none(),
-                (Some(applied), Some(seen)) => {
-                    hash_of(&applied.metadata) == hash_of(&seen.metadata)
-                }
+                (Some(applied), Some(seen)) => same(&applied.metadata, &seen.metadata),
                 (Some(_), None) => false,
             };
             !shown && now.duration_since(e.at) < WRITTEN_FOR
