@@ -601,21 +601,21 @@ pub fn kubectl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The API server's audit log (see hack/cluster).
-pub fn audit_log() -> PathBuf {
-    std::env::var("OUTRIGGER_AUDIT_LOG").map_or_else(
+/// The local cluster's run folder (see hack/cluster): certificates, logs, pids.
+pub fn cluster_dir() -> PathBuf {
+    std::env::var("OUTRIGGER_CLUSTER_DIR").map_or_else(
         |_| {
-            let dir = std::env::var("OUTRIGGER_CLUSTER_DIR").map_or_else(
-                |_| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                        .join(".cache/outrigger/cluster")
-                },
-                PathBuf::from,
-            );
-            dir.join("logs/audit.log")
+            PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                .join(".cache/outrigger/cluster")
         },
         PathBuf::from,
     )
+}
+
+/// The API server's audit log (see hack/cluster).
+pub fn audit_log() -> PathBuf {
+    std::env::var("OUTRIGGER_AUDIT_LOG")
+        .map_or_else(|_| cluster_dir().join("logs/audit.log"), PathBuf::from)
 }
 
 /// Writes in the audit log after byte `from` whose user agent starts with `agent`,

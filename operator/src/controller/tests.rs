@@ -512,186 +512,157 @@ fn child_deployment(uid: &str, replicas: i32, hash: &str, ready: Option<i32>) ->
     .unwrap()
 }
 
-#[test]
-fn a_written_child_counts_from_its_apply_until_the_watch_shows_it() {
-    use crate::observe::written::WrittenChildren;
-    use std::sync::atomic::Ordering;
-    let (deployments, mut writer) = reflector::store();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    writer.apply_watcher_event(&watcher::Event::InitApply(child_deployment(
-        "u1",
-        1,
-        "old",
-        Some(1),
-    )));
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    let written = WrittenChildren::default();
-    let stores = Stores::new(
-        store_of(vec![pool("aws-a", "aws", json!({}))]),
-        store_of(Vec::new()),
-        store_of(Vec::new()),
-        deployments,
-        store_of(Vec::new()),
-        store_of(Vec::new()),
-        Arc::default(),
-    )
-    .with_written(written.clone());
-    // What the Deployment watch does: the store first, then the written children,
-    // then the generation.
-    let mut watch = |event: watcher::Event<Deployment>| {
-        writer.apply_watcher_event(&event);
+/// Stores whose Deployment store starts with `initial`, and the Deployment watch as
+/// `observe::watch` runs it: the store first, then the written children, then the
+/// generation.
+struct ChildWatch {
+    stores: Stores,
+    writer: reflector::store::Writer<Deployment>,
+    written: crate::observe::written::WrittenChildren,
+}
+
+impl ChildWatch {
+    fn new(initial: Deployment) -> ChildWatch {
+        let (deployments, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(initial));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let written = crate::observe::written::WrittenChildren::default();
+        let stores = Stores::new(
+            store_of(vec![pool("aws-a", "aws", json!({}))]),
+            store_of(Vec::new()),
+            store_of(Vec::new()),
+            deployments,
+            store_of(Vec::new()),
+            store_of(Vec::new()),
+            Arc::default(),
+        )
+        .with_written(written.clone());
+        ChildWatch {
+            stores,
+            writer,
+            written,
+        }
+    }
+
+    fn watch(&mut self, event: watcher::Event<Deployment>) {
+        self.writer.apply_watcher_event(&event);
         match &event {
-            watcher::Event::Apply(d) => written.seen(&d.metadata, false),
-            watcher::Event::Delete(d) => written.seen(&d.metadata, true),
+            watcher::Event::Apply(d) => self.written.seen(&d.metadata, false),
+            watcher::Event::Delete(d) => self.written.seen(&d.metadata, true),
             _ => {}
         }
-        stores.generation.fetch_add(1, Ordering::AcqRel);
-    };
-    let owner = ("ns".to_string(), "md".to_string());
-    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-    let counted = |now| {
-        let inventory = stores.inventory(now);
+        self.stores
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn wrote(&self, applied: Option<Deployment>, now: Timestamp) {
+        self.stores.wrote("ns", "md-aws-a", applied, now);
+    }
+
+    /// Replicas and Ready replicas of `ns/md` in pool `aws-a`, as the inventory
+    /// built at `now` counts them.
+    fn counted(&self, now: Timestamp) -> (Option<u32>, Option<u32>) {
+        let owner = ("ns".to_string(), "md".to_string());
+        let inventory = self.stores.inventory(now);
         (
             inventory.current(&owner).get("aws-a").copied(),
             inventory.ready(&owner).get("aws-a").copied(),
         )
-    };
-    assert_eq!(counted(t0), (Some(1), Some(1)));
+    }
+}
+
+#[test]
+fn a_written_child_counts_from_its_apply_until_the_watch_shows_it() {
+    let mut w = ChildWatch::new(child_deployment("u1", 1, "old", Some(1)));
+    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+    assert_eq!(w.counted(t0), (Some(1), Some(1)));
 
     // Applied with 3 replicas: counted at once, with the Ready replicas the store
     // has of the same object.
-    stores.wrote(
-        "ns",
-        "md-aws-a",
-        Some(child_deployment("u1", 3, "new", Some(1))),
-        t0,
-    );
-    assert_eq!(counted(t0), (Some(3), Some(1)));
+    w.wrote(Some(child_deployment("u1", 3, "new", Some(1))), t0);
+    assert_eq!(w.counted(t0), (Some(3), Some(1)));
     // The watch shows it: from then on the store alone counts, also a later change
     // someone else makes.
-    watch(watcher::Event::Apply(child_deployment(
+    w.watch(watcher::Event::Apply(child_deployment(
         "u1",
         3,
         "new",
         Some(2),
     )));
-    assert_eq!(counted(t0), (Some(3), Some(2)));
-    watch(watcher::Event::Apply(child_deployment(
+    assert_eq!(w.counted(t0), (Some(3), Some(2)));
+    w.watch(watcher::Event::Apply(child_deployment(
         "u1",
         5,
         "theirs",
         Some(2),
     )));
-    assert_eq!(counted(t0), (Some(5), Some(2)));
+    assert_eq!(w.counted(t0), (Some(5), Some(2)));
 
     // Deleted: gone before the watch says so.
-    stores.wrote("ns", "md-aws-a", None, t0);
-    assert_eq!(counted(t0), (None, None));
-    watch(watcher::Event::Delete(child_deployment(
+    w.wrote(None, t0);
+    assert_eq!(w.counted(t0), (None, None));
+    w.watch(watcher::Event::Delete(child_deployment(
         "u1",
         5,
         "theirs",
         Some(2),
     )));
-    assert_eq!(counted(t0), (None, None));
+    assert_eq!(w.counted(t0), (None, None));
 
     // Created again, shown and deleted by someone else before the next build:
     // nothing counts.
-    stores.wrote(
-        "ns",
-        "md-aws-a",
-        Some(child_deployment("u2", 2, "again", None)),
-        t0,
-    );
-    watch(watcher::Event::Apply(child_deployment(
+    w.wrote(Some(child_deployment("u2", 2, "again", None)), t0);
+    w.watch(watcher::Event::Apply(child_deployment(
         "u2", 2, "again", None,
     )));
-    watch(watcher::Event::Delete(child_deployment(
+    w.watch(watcher::Event::Delete(child_deployment(
         "u2", 2, "again", None,
     )));
-    assert_eq!(counted(t0), (None, None));
+    assert_eq!(w.counted(t0), (None, None));
 
     // Written while the store still holds another object of the same name: its
     // Ready replicas are not this one's.
-    watch(watcher::Event::Apply(child_deployment(
+    w.watch(watcher::Event::Apply(child_deployment(
         "u3",
         2,
         "gone-soon",
         Some(2),
     )));
-    stores.wrote(
-        "ns",
-        "md-aws-a",
-        Some(child_deployment("u4", 2, "fresh", None)),
-        t0,
-    );
-    assert_eq!(counted(t0), (Some(2), Some(0)));
+    w.wrote(Some(child_deployment("u4", 2, "fresh", None)), t0);
+    assert_eq!(w.counted(t0), (Some(2), Some(0)));
 
     // A write the watch never shows counts for 30 s, then the store does, with no
     // other change to build the inventory again.
-    stores.wrote(
-        "ns",
-        "md-aws-a",
-        Some(child_deployment("u3", 4, "lost", None)),
-        t0,
-    );
-    assert_eq!(counted(t0), (Some(4), Some(2)));
+    w.wrote(Some(child_deployment("u3", 4, "lost", None)), t0);
+    assert_eq!(w.counted(t0), (Some(4), Some(2)));
     let later = t0 + std::time::Duration::from_secs(31);
-    assert_eq!(counted(later), (Some(2), Some(2)));
+    assert_eq!(w.counted(later), (Some(2), Some(2)));
 }
 
 #[test]
 fn a_child_applied_again_with_the_same_spec_is_not_ended_by_the_old_ones_delete() {
-    use crate::observe::written::WrittenChildren;
-    use std::sync::atomic::Ordering;
-    let (deployments, mut writer) = reflector::store();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    writer.apply_watcher_event(&watcher::Event::InitApply(child_deployment(
+    let mut w = ChildWatch::new(child_deployment("u1", 2, "same", Some(2)));
+    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+    // Deleted, then applied again with the same spec: a new object, none Ready yet.
+    w.wrote(None, t0);
+    w.wrote(Some(child_deployment("u2", 2, "same", None)), t0);
+    assert_eq!(w.counted(t0), (Some(2), Some(0)));
+    // The old object's delete arrives: the new one still counts.
+    w.watch(watcher::Event::Delete(child_deployment(
         "u1",
         2,
         "same",
         Some(2),
     )));
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    let written = WrittenChildren::default();
-    let stores = Stores::new(
-        store_of(vec![pool("aws-a", "aws", json!({}))]),
-        store_of(Vec::new()),
-        store_of(Vec::new()),
-        deployments,
-        store_of(Vec::new()),
-        store_of(Vec::new()),
-        Arc::default(),
-    )
-    .with_written(written.clone());
-    let owner = ("ns".to_string(), "md".to_string());
-    let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-    let counted = || {
-        let inventory = stores.inventory(t0);
-        (
-            inventory.current(&owner).get("aws-a").copied(),
-            inventory.ready(&owner).get("aws-a").copied(),
-        )
-    };
-    // Deleted, then applied again with the same spec: a new object, none Ready yet.
-    stores.wrote("ns", "md-aws-a", None, t0);
-    stores.wrote(
-        "ns",
-        "md-aws-a",
-        Some(child_deployment("u2", 2, "same", None)),
-        t0,
-    );
-    assert_eq!(counted(), (Some(2), Some(0)));
-    // The old object's delete arrives: the new one still counts.
-    let old = child_deployment("u1", 2, "same", Some(2));
-    writer.apply_watcher_event(&watcher::Event::Delete(old.clone()));
-    written.seen(&old.metadata, true);
-    stores.generation.fetch_add(1, Ordering::AcqRel);
-    assert_eq!(counted(), (Some(2), Some(0)));
+    assert_eq!(w.counted(t0), (Some(2), Some(0)));
     // Then the new one: the store counts it.
-    let new = child_deployment("u2", 2, "same", Some(1));
-    writer.apply_watcher_event(&watcher::Event::Apply(new.clone()));
-    written.seen(&new.metadata, false);
-    stores.generation.fetch_add(1, Ordering::AcqRel);
-    assert_eq!(counted(), (Some(2), Some(1)));
+    w.watch(watcher::Event::Apply(child_deployment(
+        "u2",
+        2,
+        "same",
+        Some(1),
+    )));
+    assert_eq!(w.counted(t0), (Some(2), Some(1)));
 }

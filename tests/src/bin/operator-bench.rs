@@ -191,14 +191,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 /// The processes the 2 cores are shared by: the local cluster's (their pids in
 /// `$OUTRIGGER_CLUSTER_DIR/pids`) and the operator.
 fn processes(operator: Option<u32>) -> Vec<(String, u32)> {
-    let dir = std::env::var("OUTRIGGER_CLUSTER_DIR").map_or_else(
-        |_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/outrigger/cluster")
-        },
-        std::path::PathBuf::from,
-    );
-    let mut found: Vec<(String, u32)> = std::fs::read_dir(dir.join("pids"))
+    let mut found: Vec<(String, u32)> = std::fs::read_dir(e2e::cluster_dir().join("pids"))
         .ok()
         .into_iter()
         .flatten()
