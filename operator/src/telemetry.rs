@@ -113,6 +113,7 @@ pub struct Metrics {
     replica_series: std::sync::Mutex<HashMap<String, HashSet<ReplicaLabels>>>,
     pub failover_seconds: Histogram,
     pub api_writes: Family<WriteLabels, Counter>,
+    api_write_duration: Family<WriteLabels, Histogram>,
     pub leader: Gauge,
     pub cloud_requests: Family<CloudLabels, Counter>,
     interruptions: Family<InterruptionLabels, Counter>,
@@ -138,6 +139,9 @@ impl Metrics {
         // Failover goals are seconds; Kubernetes alone takes about 350 s.
         let failover_seconds = Histogram::new(exponential_buckets(0.5, 2.0, 12));
         let api_writes = Family::<WriteLabels, Counter>::default();
+        let api_write_duration = Family::<WriteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(RECONCILE_BUCKETS)
+        });
         let leader = Gauge::default();
         let cloud_requests = Family::<CloudLabels, Counter>::default();
         // Lists take tens of milliseconds; Azure scale-set operations take minutes.
@@ -174,6 +178,11 @@ impl Metrics {
             "api_writes",
             "Writes Outrigger sent to the API server, by resource and verb",
             api_writes.clone(),
+        );
+        registry.register(
+            "api_write_duration_seconds",
+            "Time one write took, as Outrigger saw it (request sent to answer read), by resource and verb",
+            api_write_duration.clone(),
         );
         registry.register(
             "leader",
@@ -228,6 +237,7 @@ impl Metrics {
             replica_series: Default::default(),
             failover_seconds,
             api_writes,
+            api_write_duration,
             leader,
             peer_reachable,
             peer_last_seen_seconds,
@@ -306,13 +316,16 @@ impl Metrics {
         Ok(text)
     }
 
-    pub fn wrote(&self, resource: &str, verb: &str) {
-        self.api_writes
-            .get_or_create(&WriteLabels {
-                resource: resource.to_string(),
-                verb: verb.to_string(),
-            })
-            .inc();
+    /// Counts a write that took `took`.
+    pub fn wrote(&self, resource: &str, verb: &str, took: std::time::Duration) {
+        let labels = WriteLabels {
+            resource: resource.to_string(),
+            verb: verb.to_string(),
+        };
+        self.api_write_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.api_writes.get_or_create(&labels).inc();
     }
 
     /// Starts timing a reconcile; the duration is recorded when the guard drops.

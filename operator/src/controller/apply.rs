@@ -5,6 +5,7 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Instant;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::Pod;
@@ -74,6 +75,7 @@ impl Applier {
     {
         let name = desired.meta().name.clone().unwrap_or_default();
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let sent = Instant::now();
         let applied = api
             .patch(
                 &name,
@@ -86,7 +88,7 @@ impl Applier {
                 name,
                 source,
             })?;
-        self.metrics.wrote(&K::plural(&()), "apply");
+        self.metrics.wrote(&K::plural(&()), "apply", sent.elapsed());
         Ok(applied)
     }
 
@@ -99,6 +101,7 @@ impl Applier {
             + Debug,
     {
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let sent = Instant::now();
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
@@ -110,7 +113,8 @@ impl Applier {
                 });
             }
         }
-        self.metrics.wrote(&K::plural(&()), "delete");
+        self.metrics
+            .wrote(&K::plural(&()), "delete", sent.elapsed());
         Ok(())
     }
 
@@ -137,6 +141,7 @@ impl Applier {
             "kind": resource.kind,
             "status": without_nulls(status),
         });
+        let sent = Instant::now();
         api.patch_status(
             name,
             &PatchParams::apply(manager).force(),
@@ -147,8 +152,11 @@ impl Applier {
             name: name.to_string(),
             source,
         })?;
-        self.metrics
-            .wrote(&format!("{}/status", resource.plural), "apply");
+        self.metrics.wrote(
+            &format!("{}/status", resource.plural),
+            "apply",
+            sent.elapsed(),
+        );
         Ok(())
     }
 
@@ -159,6 +167,7 @@ impl Applier {
         K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
     {
         let api: Api<K> = Api::all_with(self.client.clone(), &());
+        let sent = Instant::now();
         match api
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
@@ -173,7 +182,7 @@ impl Applier {
                 });
             }
         }
-        self.metrics.wrote(&K::plural(&()), "patch");
+        self.metrics.wrote(&K::plural(&()), "patch", sent.elapsed());
         Ok(true)
     }
 
@@ -181,11 +190,12 @@ impl Applier {
     /// and whose instance is being terminated (a repair) can never stop by itself.
     pub async fn delete_pod_now(&self, namespace: &str, name: &str) -> Result<(), Error> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let sent = Instant::now();
         match pods
             .delete(name, &DeleteParams::default().grace_period(0))
             .await
         {
-            Ok(_) => self.metrics.wrote("pods", "delete"),
+            Ok(_) => self.metrics.wrote("pods", "delete", sent.elapsed()),
             Err(kube::Error::Api(e)) if e.is_not_found() => {}
             Err(source) => {
                 return Err(Error::Delete {
@@ -207,11 +217,12 @@ impl Applier {
         patch: &serde_json::Value,
     ) -> Result<(), Error> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let sent = Instant::now();
         match api
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
         {
-            Ok(_) => self.metrics.wrote("pods", "patch"),
+            Ok(_) => self.metrics.wrote("pods", "patch", sent.elapsed()),
             Err(kube::Error::Api(e)) if e.is_not_found() => {}
             Err(source) => {
                 return Err(Error::Apply {

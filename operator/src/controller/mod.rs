@@ -183,8 +183,9 @@ impl Context {
             action: action.to_string(),
             secondary: None,
         };
+        let sent = std::time::Instant::now();
         match self.recorder.publish(&event, reference).await {
-            Ok(()) => self.metrics.wrote("events", "create"),
+            Ok(()) => self.metrics.wrote("events", "create", sent.elapsed()),
             Err(e) => tracing::warn!(error = %e, "failed to publish an Event"),
         }
     }

@@ -34,6 +34,9 @@ fn size(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A Prometheus histogram's cumulative buckets: (upper bound, count).
+type Buckets = Vec<(f64, f64)>;
+
 /// Quantile `q` from a Prometheus histogram's cumulative buckets, interpolated
 /// linearly inside the bucket it falls in.
 fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
@@ -225,6 +228,54 @@ fn cpu_use(processes: &[(String, u32)]) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// The API server's own time for each client's writes audited between byte `from`
+/// and byte `to` of the audit log (from `RequestReceived` to `ResponseComplete`),
+/// in milliseconds, by user and program (its user agent's name), the busiest
+/// first.
+fn served_by_user(from: u64, to: u64) -> Vec<(String, Vec<f64>)> {
+    let text = std::fs::read(e2e::audit_log()).unwrap_or_default();
+    let span = |at: u64| usize::try_from(at).unwrap_or(usize::MAX).min(text.len());
+    let mut by_user: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for entry in String::from_utf8_lossy(&text[span(from)..span(to)])
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
+    {
+        let at = |field: &str| entry[field].as_str()?.parse::<jiff::Timestamp>().ok();
+        let (Some(received), Some(complete)) =
+            (at("requestReceivedTimestamp"), at("stageTimestamp"))
+        else {
+            continue;
+        };
+        let user = entry["user"]["username"].as_str().unwrap_or("?");
+        let agent = entry["userAgent"].as_str().unwrap_or("?");
+        let agent = agent.split(['/', ' ']).next().unwrap_or(agent);
+        by_user
+            .entry(format!("{} ({agent})", user.trim_start_matches("system:")))
+            .or_default()
+            .push(complete.duration_since(received).as_secs_f64() * 1e3);
+    }
+    let mut by_user: Vec<(String, Vec<f64>)> = by_user.into_iter().collect();
+    for (_, times) in &mut by_user {
+        times.sort_by(f64::total_cmp);
+    }
+    by_user.sort_by_key(|(_, times)| std::cmp::Reverse(times.len()));
+    by_user
+}
+
+/// p50, p99 and the share within 100 ms of sorted milliseconds.
+fn spread(sorted: &[f64]) -> String {
+    let at =
+        |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, {:.2} % within 100 ms, over {} writes",
+        at(0.5),
+        at(0.99),
+        sorted.iter().filter(|t| **t <= 100.0).count() as f64 * 100.0 / sorted.len() as f64,
+        sorted.len()
+    )
+}
+
 fn is_ready(md: &ModelDeployment) -> bool {
     md.status.as_ref().is_some_and(|s| {
         s.conditions
@@ -343,6 +394,7 @@ async fn main() {
         });
     let ready_after = ready_after.duration_since(applied);
     let cpu_after = cpu_use(&busy);
+    let audit_to = e2e::audit_log_len();
 
     let controller = "controller=\"modeldeployment\"";
     let metrics = operator
@@ -364,27 +416,35 @@ async fn main() {
         "outrigger_reconcile_phase_seconds",
         &[controller, "phase=\"write\""],
     );
-    // The same writes as the API server timed them (every client's, mostly ours).
+    // The same writes as the operator timed them (sent to answer read), and as the
+    // API server did (its handler, every client's, mostly ours).
     let served = apiserver_metrics(&client).await;
-    let server_side: Vec<(&str, Vec<(f64, f64)>)> = [
-        ("Deployment applies", "resource=\"deployments\""),
+    let per_write: Vec<(&str, Buckets, Buckets)> = [
+        ("Deployment applies", "deployments", "deployments"),
         (
             "ModelDeployment status applies",
-            "resource=\"modeldeployments\"",
+            "modeldeployments/status",
+            "modeldeployments",
         ),
         (
             "PodDisruptionBudget applies",
-            "resource=\"poddisruptionbudgets\"",
+            "poddisruptionbudgets",
+            "poddisruptionbudgets",
         ),
     ]
     .into_iter()
-    .map(|(what, resource)| {
+    .map(|(what, ours, theirs)| {
         (
             what,
             histogram(
+                &metrics,
+                "outrigger_api_write_duration_seconds",
+                &[&format!("resource=\"{ours}\"")],
+            ),
+            histogram(
                 &served,
                 "apiserver_request_duration_seconds",
-                &["verb=\"APPLY\"", resource],
+                &["verb=\"APPLY\"", &format!("resource=\"{theirs}\"")],
             ),
         )
     })
@@ -467,8 +527,13 @@ async fn main() {
         "  of which writing (passes that wrote): {}",
         latency(&writing)
     );
-    for (what, buckets) in &server_side {
-        println!("  API server's own time for {what}: {}", latency(buckets));
+    for (what, ours, theirs) in &per_write {
+        println!("  {what}, as the operator saw each: {}", latency(ours));
+        println!("  {what}, the API server's own time: {}", latency(theirs));
+    }
+    println!("API server's own time for every client's writes, from the first apply to all Ready:");
+    for (user, times) in served_by_user(audit_from, audit_to).iter().take(8) {
+        println!("  {user}: {}", spread(times));
     }
     println!(
         "API writes: {writes} counted by the operator, {audited} in the audit log; {:.2} per reconcile",
