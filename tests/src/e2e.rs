@@ -629,17 +629,13 @@ pub fn writes_since(from: u64, agent: &str) -> Vec<String> {
 
 /// Every audited write after byte `from` whose user agent starts with `agent`.
 pub fn audit_since(from: u64, agent: &str) -> Vec<String> {
-    let text = std::fs::read(audit_log()).unwrap_or_default();
-    let start = usize::try_from(from).unwrap_or(usize::MAX).min(text.len());
-    String::from_utf8_lossy(&text[start..])
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+    audit_between(from, u64::MAX)
+        .into_iter()
         .filter(|e| {
             e["userAgent"]
                 .as_str()
                 .is_some_and(|a| a.starts_with(agent))
         })
-        .filter(|e| e["stage"] == "ResponseComplete")
         .map(|e| {
             format!(
                 "{} {}",
@@ -647,6 +643,26 @@ pub fn audit_since(from: u64, agent: &str) -> Vec<String> {
                 e["requestURI"].as_str().unwrap_or("")
             )
         })
+        .collect()
+}
+
+/// The audit log's completed requests between byte `from` and byte `to` (both
+/// clamped to the file; nothing when the log was rotated under them), whole lines
+/// only.
+pub fn audit_between(from: u64, to: u64) -> Vec<serde_json::Value> {
+    let text = std::fs::read(audit_log()).unwrap_or_default();
+    let at = |offset: u64| {
+        usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(text.len())
+    };
+    let Some(span) = text.get(at(from)..at(to).max(at(from))) else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(span)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
         .collect()
 }
 

@@ -3,10 +3,11 @@
 //! `OUTRIGGER_BENCH_POOLS`, `OUTRIGGER_BENCH_NODES_PER_POOL` change that). Prints
 //! the time from apply to all Ready (followed from a watch), reconcile latency
 //! p50/p99 and the share within 100 ms, split into the pass's own work and its
-//! writes, beside the API server's own latency for the same applies; API writes by
-//! resource and in a quiet window after convergence (with what a pool status write
-//! there changed), and the operator's peak RSS, also per object it keeps in its
-//! stores.
+//! writes; each kind of apply as the operator saw it beside the API server's own
+//! time for it; the API server's time for every client's writes (from its audit
+//! log); the CPU each process used; API writes by resource and in a quiet window
+//! after convergence (with what a pool status write there changed), and the
+//! operator's peak RSS, also per object it keeps in its stores.
 //!
 //! `make bench-operator` builds the operator and this binary in release and runs it
 //! on a fresh local cluster (`hack/bench-operator`).
@@ -66,7 +67,7 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 /// The cumulative buckets of histogram `name` in the Prometheus text `metrics`,
 /// summed over the series whose labels include every one of `labels`
 /// (`key="value"`).
-fn histogram(metrics: &str, name: &str, labels: &[&str]) -> Vec<(f64, f64)> {
+fn histogram(metrics: &str, name: &str, labels: &[&str]) -> Buckets {
     let prefix = format!("{name}_bucket{{");
     let mut buckets: std::collections::BTreeMap<u64, f64> = Default::default();
     for line in metrics
@@ -231,29 +232,34 @@ fn cpu_use(processes: &[(String, u32)]) -> Vec<(String, f64)> {
 /// The API server's own time for each client's writes audited between byte `from`
 /// and byte `to` of the audit log (from `RequestReceived` to `ResponseComplete`),
 /// in milliseconds, by user and program (its user agent's name), the busiest
-/// first.
+/// first; Outrigger's also by resource and verb.
 fn served_by_user(from: u64, to: u64) -> Vec<(String, Vec<f64>)> {
-    let text = std::fs::read(e2e::audit_log()).unwrap_or_default();
-    let span = |at: u64| usize::try_from(at).unwrap_or(usize::MAX).min(text.len());
     let mut by_user: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
-    for entry in String::from_utf8_lossy(&text[span(from)..span(to)])
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|e| e["stage"] == "ResponseComplete")
-    {
+    for entry in e2e::audit_between(from, to) {
         let at = |field: &str| entry[field].as_str()?.parse::<jiff::Timestamp>().ok();
         let (Some(received), Some(complete)) =
             (at("requestReceivedTimestamp"), at("stageTimestamp"))
         else {
             continue;
         };
+        let took = complete.duration_since(received).as_secs_f64() * 1e3;
         let user = entry["user"]["username"].as_str().unwrap_or("?");
         let agent = entry["userAgent"].as_str().unwrap_or("?");
         let agent = agent.split(['/', ' ']).next().unwrap_or(agent);
-        by_user
-            .entry(format!("{} ({agent})", user.trim_start_matches("system:")))
-            .or_default()
-            .push(complete.duration_since(received).as_secs_f64() * 1e3);
+        let client = format!("{} ({agent})", user.trim_start_matches("system:"));
+        if agent == "outrigger" {
+            let object = &entry["objectRef"];
+            let resource = match object["subresource"].as_str() {
+                Some(sub) => format!("{}/{sub}", object["resource"].as_str().unwrap_or("?")),
+                None => object["resource"].as_str().unwrap_or("?").to_string(),
+            };
+            let verb = entry["verb"].as_str().unwrap_or("?");
+            by_user
+                .entry(format!("{client}, {verb} {resource}"))
+                .or_default()
+                .push(took);
+        }
+        by_user.entry(client).or_default().push(took);
     }
     let mut by_user: Vec<(String, Vec<f64>)> = by_user.into_iter().collect();
     for (_, times) in &mut by_user {
@@ -265,6 +271,9 @@ fn served_by_user(from: u64, to: u64) -> Vec<(String, Vec<f64>)> {
 
 /// p50, p99 and the share within 100 ms of sorted milliseconds.
 fn spread(sorted: &[f64]) -> String {
+    if sorted.is_empty() {
+        return "no writes".to_string();
+    }
     let at =
         |q: f64| sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
     format!(
@@ -420,31 +429,35 @@ async fn main() {
     // API server did (its handler, every client's, mostly ours).
     let served = apiserver_metrics(&client).await;
     let per_write: Vec<(&str, Buckets, Buckets)> = [
-        ("Deployment applies", "deployments", "deployments"),
+        ("Deployment applies", "deployments", ("deployments", "")),
         (
             "ModelDeployment status applies",
             "modeldeployments/status",
-            "modeldeployments",
+            ("modeldeployments", "status"),
         ),
         (
             "PodDisruptionBudget applies",
             "poddisruptionbudgets",
-            "poddisruptionbudgets",
+            ("poddisruptionbudgets", ""),
         ),
     ]
     .into_iter()
-    .map(|(what, ours, theirs)| {
+    .map(|(what, ours, (theirs, subresource))| {
         (
             what,
             histogram(
                 &metrics,
                 "outrigger_api_write_duration_seconds",
-                &[&format!("resource=\"{ours}\"")],
+                &[&format!("resource=\"{ours}\""), "verb=\"apply\""],
             ),
             histogram(
                 &served,
                 "apiserver_request_duration_seconds",
-                &["verb=\"APPLY\"", &format!("resource=\"{theirs}\"")],
+                &[
+                    "verb=\"APPLY\"",
+                    &format!("resource=\"{theirs}\""),
+                    &format!("subresource=\"{subresource}\""),
+                ],
             ),
         )
     })
@@ -532,7 +545,10 @@ async fn main() {
         println!("  {what}, the API server's own time: {}", latency(theirs));
     }
     println!("API server's own time for every client's writes, from the first apply to all Ready:");
-    for (user, times) in served_by_user(audit_from, audit_to).iter().take(8) {
+    for (user, times) in served_by_user(audit_from, audit_to)
+        .iter()
+        .filter(|(_, times)| times.len() >= 20)
+    {
         println!("  {user}: {}", spread(times));
     }
     println!(
