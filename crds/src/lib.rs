@@ -72,6 +72,15 @@ pub mod condition {
     pub const REACHABLE: &str = "Reachable";
     /// PeerCluster: the peer has a PeerCluster for this cluster too.
     pub const MUTUAL: &str = "Mutual";
+    /// PeerCluster: every pool the peer publishes passes the checks a local pool
+    /// passes; False (reason `PeerFactsRejected`) names the pools left out of plans.
+    pub const FACTS_VALID: &str = "FactsValid";
+    /// PeerCluster: the peer's clock differs from this cluster's by more than 5 s
+    /// (measured from its API server's `Date`); its times are corrected by it.
+    pub const CLOCK_SKEW: &str = "ClockSkew";
+    /// PeerCluster: the token this cluster reads the peer with expires within 7
+    /// days (`status.tokenExpiresAt`); renew it with `outrigger peer rotate`.
+    pub const TOKEN_EXPIRING: &str = "TokenExpiring";
     /// ModelDeployment: every cluster's copy has the same spec.
     pub const IN_SYNC: &str = "InSync";
 }

@@ -32,7 +32,18 @@ use serde::{Deserialize, Serialize};
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Mutual\")].status"
     ),
+    printcolumn(
+        name = "Facts-Valid",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"FactsValid\")].status"
+    ),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
+    printcolumn(
+        name = "Token-Expires",
+        type_ = "date",
+        priority = "1",
+        json_path = ".status.tokenExpiresAt"
+    ),
     printcolumn(name = "Last-Seen", type_ = "date", json_path = ".status.lastSeenTime"),
     printcolumn(
         name = "Age",
@@ -115,8 +126,18 @@ pub struct PeerClusterStatus {
     /// The peer reads this too, so both sides hold back alike.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub back_since: Option<Time>,
-    /// `Reachable` (the API answers and the operator leads) and `Mutual` (the peer
-    /// has a PeerCluster for this cluster), with reason and message.
+    /// When the token in the kubeconfig Secret expires (its `exp` claim); renew it
+    /// before then with `outrigger peer rotate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<Time>,
+    /// The peer's clock minus this cluster's, in whole seconds, measured from its
+    /// API server's `Date` header. The times the peer publishes are corrected by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<i64>,
+    /// `Reachable` (the API answers and the operator leads), `Mutual` (the peer
+    /// has a PeerCluster for this cluster), `FactsValid` (its published pools pass
+    /// the checks), `ClockSkew` (its clock is off by more than 5 s) and
+    /// `TokenExpiring` (the token expires within 7 days), with reason and message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -39,7 +39,7 @@ enum Command {
     /// Run the operator: watch ModelDeployments and keep their replicas placed.
     Run(Box<run::RunArgs>),
     /// Register another cluster as a peer of this one (`peer add`), or undo it (`peer remove`).
-    Peer(peer_cli::PeerArgs),
+    Peer(Box<peer_cli::PeerArgs>),
 }
 
 fn main() -> ExitCode {

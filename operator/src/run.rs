@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// This replica's name in the Lease (default: the pod name, or host and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The one namespace whose Secrets may hold peer kubeconfigs: a PeerCluster
+    /// whose spec.kubeconfigSecretRef names another is refused, unread. Keep it
+    /// apart from the operator's own namespace (chart peers.secretNamespace).
+    #[arg(long, env = "OUTRIGGER_PEER_SECRET_NAMESPACE", default_value = crate::peer_cli::SECRET_NAMESPACE, value_parser = namespace_name)]
+    peer_secret_namespace: String,
     #[command(flatten)]
     cloud: CloudArgs,
 }
@@ -137,6 +142,12 @@ fn ca_file(path: &str) -> Result<CaBundle, String> {
         ));
     }
     Ok(CaBundle(pem))
+}
+
+fn namespace_name(name: &str) -> Result<String, String> {
+    crate::validate::dns_label(name)
+        .map(|()| name.to_string())
+        .map_err(|_| format!("{name:?} is not a namespace name: use lower-case letters, digits and '-' (a DNS label)"))
 }
 
 fn cluster_name(name: &str) -> Result<String, String> {
@@ -263,6 +274,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunError> {
         name: args.cloud.cluster_name.clone().unwrap_or_default(),
         uid: None,
         lease_name: args.lease_name.clone(),
+        secret_namespace: args.peer_secret_namespace.clone(),
     };
     let mut controllers = tokio::spawn(run_controllers(
         client,
@@ -614,6 +626,7 @@ async fn run_controllers(
         };
         let ctx = Arc::new(peer::Ctx {
             shared: shared_for_peers,
+            secret_namespace: peers.me.secret_namespace.clone(),
             peers: peers.clone(),
             client: peer_client,
         });

@@ -103,6 +103,24 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+/// One condition of one object, as kube-state-metrics shows them: the series with
+/// the current status and reason is 1.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// `ModelDeployment` or `PeerCluster`.
+    pub kind: String,
+    /// `namespace/name`, or the name of a cluster-scoped object.
+    pub name: String,
+    pub r#type: String,
+    pub status: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeploymentLabels {
+    pub deployment: String,
+}
+
 /// Every metric Outrigger exports, prefixed `outrigger_`.
 pub struct Metrics {
     pub registry: Registry,
@@ -122,6 +140,12 @@ pub struct Metrics {
     pub cloud_request_duration: Family<CloudOperationLabels, Histogram>,
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub peer_last_seen_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub peer_clock_skew_seconds: Family<PeerLabels, Gauge>,
+    status_condition: Family<ConditionLabels, Gauge>,
+    /// The series of `status_condition` set per object (kind and name), so a
+    /// changed or deleted condition's go.
+    condition_series: std::sync::Mutex<HashMap<(String, String), Vec<ConditionLabels>>>,
+    replicas_over_spec: Family<DeploymentLabels, Gauge>,
 }
 
 impl Metrics {
@@ -220,6 +244,24 @@ impl Metrics {
             "Seconds since the peer last answered, by PeerCluster",
             peer_last_seen_seconds.clone(),
         );
+        let peer_clock_skew_seconds = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_clock_skew_seconds",
+            "The peer's clock minus this cluster's, in whole seconds, from its API server's Date header, by PeerCluster",
+            peer_clock_skew_seconds.clone(),
+        );
+        let status_condition = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "status_condition",
+            "1 for each condition's current status and reason, by kind (ModelDeployment, PeerCluster), object, type, status and reason",
+            status_condition.clone(),
+        );
+        let replicas_over_spec = Family::<DeploymentLabels, Gauge>::default();
+        registry.register(
+            "replicas_over_spec",
+            "Replicas a ModelDeployment runs over its spec.replicas, in every cluster this one knows of (its own, and each peer's as last seen): above 0 for long, a partition or a misconfigured peer has both sides serving the whole spec",
+            replicas_over_spec.clone(),
+        );
         registry.register(
             "cloud_request_duration_seconds",
             "Time one cloud API attempt took, long-running operation included",
@@ -242,7 +284,67 @@ impl Metrics {
             leader,
             peer_reachable,
             peer_last_seen_seconds,
+            peer_clock_skew_seconds,
+            status_condition,
+            condition_series: Default::default(),
+            replicas_over_spec,
         }
+    }
+
+    /// Sets `outrigger_status_condition` of one object to its conditions now,
+    /// dropping the series of statuses and reasons it no longer has.
+    pub fn set_conditions(
+        &self,
+        kind: &str,
+        name: &str,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    ) {
+        let labels: Vec<ConditionLabels> = conditions
+            .iter()
+            .map(|c| ConditionLabels {
+                kind: kind.to_string(),
+                name: name.to_string(),
+                r#type: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+            })
+            .collect();
+        let mut series = self
+            .condition_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (kind.to_string(), name.to_string());
+        for gone in series.get(&key).into_iter().flatten() {
+            if !labels.contains(gone) {
+                self.status_condition.remove(gone);
+            }
+        }
+        for l in &labels {
+            self.status_condition.get_or_create(l).set(1);
+        }
+        series.insert(key, labels);
+    }
+
+    fn forget_conditions(&self, kind: &str, name: &str) {
+        let mut series = self
+            .condition_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for gone in series
+            .remove(&(kind.to_string(), name.to_string()))
+            .unwrap_or_default()
+        {
+            self.status_condition.remove(&gone);
+        }
+    }
+
+    /// Sets `outrigger_replicas_over_spec` of a ModelDeployment (`namespace/name`).
+    pub fn set_over_spec(&self, deployment: &str, over: u32) {
+        self.replicas_over_spec
+            .get_or_create(&DeploymentLabels {
+                deployment: deployment.to_string(),
+            })
+            .set(i64::from(over));
     }
 
     fn replica_series(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<ReplicaLabels>>> {
@@ -278,6 +380,8 @@ impl Metrics {
         };
         self.peer_reachable.remove(&labels);
         self.peer_last_seen_seconds.remove(&labels);
+        self.peer_clock_skew_seconds.remove(&labels);
+        self.forget_conditions("PeerCluster", peer);
     }
 
     /// Removes every series of a ModelDeployment that is gone (`namespace/name`).
@@ -285,6 +389,10 @@ impl Metrics {
         for labels in self.replica_series().remove(deployment).unwrap_or_default() {
             self.replicas.remove(&labels);
         }
+        self.forget_conditions("ModelDeployment", deployment);
+        self.replicas_over_spec.remove(&DeploymentLabels {
+            deployment: deployment.to_string(),
+        });
     }
 
     /// Counts and times one cloud API attempt.

@@ -218,7 +218,7 @@ const USED: &[Use] = &[
         group: "outrigger.dev",
         resource: "peerclusters/status",
         verbs: &["patch"],
-        file: "controller/peer.rs",
+        file: "controller/peer/mod.rs",
         code: ".status::<PeerCluster>( None, &name, manager::PEERS,",
     },
     Use {
@@ -234,7 +234,7 @@ const USED: &[Use] = &[
         group: "",
         resource: "secrets",
         verbs: &["get"],
-        file: "controller/peer.rs",
+        file: "controller/peer/mod.rs",
         code: "let secret = match secrets.get_opt(&reference.name).await {",
     },
     // A peer's reads, as the reader ServiceAccount (observe/peers.rs).
@@ -285,6 +285,14 @@ const USED: &[Use] = &[
         verbs: &["get"],
         file: "observe/peers.rs",
         code: "leases.get_opt(&me.lease_name)",
+    },
+    Use {
+        scope: Scope::PeerReaderLease,
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["list", "watch"],
+        file: "observe/peers.rs",
+        code: "Api::<Lease>::namespaced(client.clone(), &peer.spec.operator_namespace),",
     },
     Use {
         scope: Scope::LeaseNamespace,

@@ -22,6 +22,7 @@ pub mod faults;
 pub mod harness;
 pub mod interrupt;
 pub mod links;
+pub mod pair;
 pub mod peers;
 pub mod registrar;
 pub mod service_account;

@@ -18,6 +18,15 @@
 {{- default (include "outrigger.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
+{{/* The namespace of the peer kubeconfig Secrets: never the release namespace. */}}
+{{- define "outrigger.peerSecretNamespace" -}}
+{{- $ns := required "peers.secretNamespace is required" .Values.peers.secretNamespace -}}
+{{- if eq $ns .Release.Namespace -}}
+{{- fail (printf "peers.secretNamespace must not be the release namespace (%s): the operator could then read its other Secrets through a PeerCluster" $ns) -}}
+{{- end -}}
+{{- $ns -}}
+{{- end -}}
+
 {{- define "outrigger.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "outrigger.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}

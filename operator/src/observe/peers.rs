@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::Api;
 use kube::core::DeserializeGuard;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use outrigger_crds::{
@@ -25,8 +25,9 @@ use outrigger_crds::{
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::trim;
+use super::inventory::Child;
 use super::watch::{Notify, mirror_task};
+use super::{published, trim};
 use crate::controller::Clock;
 use crate::labels;
 
@@ -42,6 +43,9 @@ pub struct Remote {
     pub copies: Store<DeserializeGuard<ModelDeployment>>,
     pub children: Store<Deployment>,
     pub peers: Store<PeerCluster>,
+    /// Its operator's leader Lease, renewed every 2 s: the canary that shows the
+    /// watches still hear (`freshness`).
+    pub lease: Store<Lease>,
 }
 
 /// Why the last probe of a peer failed, in the words its PeerCluster shows.
@@ -69,6 +73,91 @@ pub struct Contact {
     pub lost_since: Option<Timestamp>,
     /// When it last came back after being lost.
     pub back_since: Option<Timestamp>,
+    /// The peer's clock minus this one's, in whole seconds, from its API server's
+    /// `Date` header: what turns the times it publishes into local ones.
+    pub skew: Option<SignedDuration>,
+    /// Its leader Lease as last seen changing, on this cluster's clock.
+    pub lease: Option<LeaseSeen>,
+    /// How often this link's watches were started anew because they had gone
+    /// silent while the probe answered.
+    pub watch_restarts: u32,
+}
+
+/// A peer's leader Lease: its version, and the local time it was seen to change.
+/// Liveness is judged by that change, never by comparing the peer's `renewTime`
+/// with this cluster's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSeen {
+    pub version: String,
+    pub changed_at: Timestamp,
+}
+
+/// The Lease as read now: `version` its resourceVersion, `renewed` its renewTime
+/// (the peer's clock), `duration` its leaseDurationSeconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRead {
+    pub version: String,
+    pub held: bool,
+    pub renewed: Option<Timestamp>,
+    pub duration: SignedDuration,
+}
+
+/// The Lease after one read at `now` (local): a new version is a change seen now;
+/// a Lease seen for the first time counts as changed at its renewTime moved onto
+/// the local clock by `skew` (never later than now). Live while held and changed
+/// within its duration.
+pub fn lease_after(
+    before: Option<&LeaseSeen>,
+    read: &LeaseRead,
+    skew: SignedDuration,
+    now: Timestamp,
+) -> (LeaseSeen, bool) {
+    let changed_at = match before {
+        Some(seen) if seen.version == read.version => seen.changed_at,
+        Some(_) => now,
+        None => read
+            .renewed
+            .and_then(|t| t.checked_sub(skew).ok())
+            .map_or(now - read.duration - SignedDuration::from_secs(1), |t| {
+                t.min(now)
+            }),
+    };
+    let live = read.held && changed_at + read.duration >= now;
+    (
+        LeaseSeen {
+            version: read.version.clone(),
+            changed_at,
+        },
+        live,
+    )
+}
+
+/// A skew of at most this much is the `Date` header's rounding and the network,
+/// not a clock that is off: it is not reported, and not taken over a nearer one.
+const SKEW_NOISE: SignedDuration = SignedDuration::from_secs(1);
+
+/// The skew after one measurement: the peer's `Date` (whole seconds) against the
+/// midpoint of the local send and receive times, rounded to whole seconds; a new
+/// value replaces the old only when they differ by more than the noise, so times
+/// moved by it do not wobble between passes.
+pub fn skew_after(
+    before: Option<SignedDuration>,
+    date: Timestamp,
+    sent: Timestamp,
+    received: Timestamp,
+) -> SignedDuration {
+    let midpoint = sent + (received.duration_since(sent) / 2);
+    // Date truncates to the second: the peer's time was half a second later on average.
+    let measured = (date + SignedDuration::from_millis(500)).duration_since(midpoint);
+    let measured = SignedDuration::from_secs(
+        measured
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map_or(0, |d| d.as_secs()),
+    );
+    match before {
+        Some(was) if (measured - was).abs() <= SKEW_NOISE => was,
+        _ => measured,
+    }
 }
 
 /// How a peer takes part in planning now.
@@ -121,6 +210,29 @@ impl Link {
     pub fn standing(&self) -> Standing {
         standing(&self.contact(), self.synced())
     }
+
+    /// What the peer publishes, bounded and on the local clock
+    /// (`observe::published`): the only way its pools and children are read.
+    pub fn facts(&self) -> published::Facts {
+        let children: Vec<Child> = self
+            .remote
+            .children
+            .state()
+            .iter()
+            .filter_map(|d| Child::of(d, 0))
+            .collect();
+        published::facts(
+            &self.remote.pools.state(),
+            &children,
+            self.contact().skew.unwrap_or_default(),
+        )
+    }
+
+    /// A time the peer wrote, on this cluster's clock.
+    pub fn local_time(&self, t: Timestamp) -> Timestamp {
+        let skew = self.contact().skew.unwrap_or_default();
+        t.checked_sub(skew).unwrap_or(t)
+    }
 }
 
 /// How a peer with this contact takes part in planning.
@@ -138,6 +250,61 @@ pub fn standing(contact: &Contact, synced: bool) -> Standing {
     }
 }
 
+/// Whether the mirrors still hear the peer, judged by its leader Lease: the probe
+/// reads it directly, and its mirror must show the same version soon after.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Staleness {
+    /// Since when the mirror has lagged the probe's Lease.
+    pub behind_since: Option<Timestamp>,
+    /// When the watches were last started anew for it.
+    pub restarted_at: Option<Timestamp>,
+    /// The restart did not bring the mirrors back within the limit.
+    pub stale: bool,
+}
+
+/// What a lagging mirror calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The mirrors hear (or it is too soon to say).
+    Fresh,
+    /// Silent for the limit while the probe answers: start the watches anew.
+    Restart,
+    /// Still silent for the limit after a restart: the facts are stale, and the
+    /// peer counts as lost until they are current again; `restart` when the
+    /// watches are due another try.
+    Stale { since: Timestamp, restart: bool },
+}
+
+/// The freshness after one probe that read the Lease at `probed` while its mirror
+/// holds `mirrored`, at `now`, with `limit` the peer's unreachableAfterSeconds.
+pub fn freshness(
+    state: &mut Staleness,
+    probed: Option<&str>,
+    mirrored: Option<&str>,
+    limit: SignedDuration,
+    now: Timestamp,
+) -> Freshness {
+    let Some(probed) = probed else {
+        // No Lease read: the probe's own failure says what there is to say.
+        return Freshness::Fresh;
+    };
+    if mirrored == Some(probed) {
+        *state = Staleness::default();
+        return Freshness::Fresh;
+    }
+    let since = *state.behind_since.get_or_insert(now);
+    let due = state.restarted_at.map_or(since, |restarted| restarted) + limit <= now;
+    if due {
+        state.stale |= state.restarted_at.is_some();
+        state.restarted_at = Some(now);
+    }
+    match (state.stale, due) {
+        (false, false) => Freshness::Fresh,
+        (false, true) => Freshness::Restart,
+        (true, restart) => Freshness::Stale { since, restart },
+    }
+}
+
 /// One probe's outcome: the peer answered and leads, or why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {
@@ -146,6 +313,15 @@ pub enum Probe {
         operator_version: Option<String>,
     },
     Failed(Problem),
+}
+
+/// One probe, and what it measured on the way: the clock skew (when the API server
+/// sent a `Date`) and the Lease (when it was read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probed {
+    pub probe: Probe,
+    pub skew: Option<SignedDuration>,
+    pub lease: Option<LeaseSeen>,
 }
 
 /// The contact after one probe at `now`: seen, or silent; lost once silent for
@@ -213,6 +389,8 @@ pub struct Me {
     pub uid: Option<String>,
     /// The leader Lease's name, which peers use too.
     pub lease_name: String,
+    /// The one namespace where this cluster keeps its peers' kubeconfig Secrets.
+    pub secret_namespace: String,
 }
 
 /// The links to every peer, and a channel poked whenever what they publish, or
@@ -378,6 +556,18 @@ impl Peers {
                     Some(rewatched.clone()),
                 ),
             ),
+            lease: keep(
+                &mut tasks,
+                mirror_task(
+                    Api::<Lease>::namespaced(client.clone(), &peer.spec.operator_namespace),
+                    watcher::Config::default()
+                        .fields(&format!("metadata.name={}", self.me.lease_name)),
+                    trim::pool,
+                    Notify::Nobody,
+                    None,
+                    Some(rewatched.clone()),
+                ),
+            ),
         };
         let synced = Arc::new(AtomicBool::new(false));
         let contact = Arc::new(Mutex::new(contact));
@@ -390,6 +580,7 @@ impl Peers {
                     let _ = remote.copies.wait_until_ready().await;
                     let _ = remote.children.wait_until_ready().await;
                     let _ = remote.peers.wait_until_ready().await;
+                    let _ = remote.lease.wait_until_ready().await;
                     synced.store(true, Ordering::Release);
                     peers.poke();
                 })
@@ -403,26 +594,88 @@ impl Peers {
             let synced = synced.clone();
             let namespace = peer.spec.operator_namespace.clone();
             let name = name.clone();
+            let lease_store = remote.lease.clone();
+            let limit = SignedDuration::try_from(unreachable_after).unwrap_or(SignedDuration::MAX);
             tasks.push(
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(PROBE_EVERY);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     let mut failing = false;
+                    let mut staleness = Staleness::default();
+                    let lease_ref = ObjectRef::new(&peers.me.lease_name).within(&namespace);
                     loop {
                         tick.tick().await;
-                        let probe = probe(&client, &peers.me, &name, &namespace).await;
-                        let answered = matches!(probe, Probe::Answered { .. });
+                        let before = contact.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        let mut probed = probe(&client, &peers, &name, &namespace, &before).await;
+                        let answered = matches!(probed.probe, Probe::Answered { .. });
                         if answered && failing {
                             tracing::info!(peer = %name, "the peer answers again; its mirrors watch anew");
                             rewatch.send_modify(|n| *n += 1);
                         }
                         failing = !answered;
                         let now = (peers.clock)();
+                        let mirrored = lease_store
+                            .get(&lease_ref)
+                            .and_then(|l| l.metadata.resource_version.clone());
+                        let probed_version = answered
+                            .then(|| probed.lease.as_ref().map(|l| l.version.clone()))
+                            .flatten();
+                        let fresh = if synced.load(Ordering::Acquire) {
+                            freshness(
+                                &mut staleness,
+                                probed_version.as_deref(),
+                                mirrored.as_deref(),
+                                limit,
+                                now,
+                            )
+                        } else {
+                            Freshness::Fresh
+                        };
+                        let mut restarted = false;
+                        match fresh {
+                            Freshness::Fresh => {}
+                            Freshness::Restart => {
+                                tracing::warn!(peer = %name, "the peer answers but its watches have heard nothing for spec.unreachableAfterSeconds; starting them anew");
+                                rewatch.send_modify(|n| *n += 1);
+                                restarted = true;
+                            }
+                            Freshness::Stale { since, restart } => {
+                                if restart {
+                                    rewatch.send_modify(|n| *n += 1);
+                                    restarted = true;
+                                }
+                                probed.probe = Probe::Failed(Problem {
+                                    reason: "WatchesStalled",
+                                    message: format!(
+                                        "cluster {name} answers its probes, but what it publishes has not reached this cluster since {since}, not even after its watches were started anew: its facts are stale, so it counts as lost; check what sits between the clusters (a proxy or load balancer that holds long requests)"
+                                    ),
+                                    misconfigured: false,
+                                });
+                            }
+                        }
                         let changed = {
                             let mut c = contact.lock().unwrap_or_else(|e| e.into_inner());
                             let before = c.clone();
-                            *c =
-                                after_probe(before.clone(), probe, started, unreachable_after, now);
+                            *c = after_probe(
+                                before.clone(),
+                                probed.probe,
+                                started,
+                                unreachable_after,
+                                now,
+                            );
+                            c.skew = probed.skew.or(before.skew);
+                            c.lease = probed.lease.or(before.lease.clone());
+                            if let Freshness::Stale { .. } = fresh
+                                && c.lost_since.is_none()
+                            {
+                                // It answers, so silence is not what makes it lost:
+                                // the facts went stale for the limit, twice over.
+                                c.lost_since = Some(now);
+                                c.back_since = None;
+                            }
+                            if restarted {
+                                c.watch_restarts += 1;
+                            }
                             if c.problem.is_none() {
                                 c.problem = unreadable(
                                     &name,
@@ -432,12 +685,21 @@ impl Peers {
                                     now,
                                 );
                             }
-                            // A new last-seen time alone changes no plan.
+                            // A new last-seen time alone changes no plan; a new skew
+                            // moves the peer's times.
                             (
                                 before.lost_since,
                                 before.back_since,
                                 before.problem.is_some(),
-                            ) != (c.lost_since, c.back_since, c.problem.is_some())
+                                before.skew,
+                                before.watch_restarts,
+                            ) != (
+                                c.lost_since,
+                                c.back_since,
+                                c.problem.is_some(),
+                                c.skew,
+                                c.watch_restarts,
+                            )
                         };
                         if changed {
                             peers.poke();
@@ -477,10 +739,23 @@ where
     store
 }
 
-/// Asks the peer's API server for its version, its `kube-system` namespace (is it
-/// this same cluster?) and its operator's leader Lease (does it lead, and which
+/// Asks the peer's API server for its version (and, from its `Date`, the clock
+/// skew), its `kube-system` namespace (is it this same cluster?) and its operator's
+/// leader Lease (does it lead, seen changing on this cluster's clock, and which
 /// cluster does it say it is?).
-async fn probe(client: &Client, me: &Me, peer: &str, namespace: &str) -> Probe {
+async fn probe(
+    client: &Client,
+    peers: &Peers,
+    peer: &str,
+    namespace: &str,
+    before: &Contact,
+) -> Probed {
+    let me = &peers.me;
+    let failed = |probe: Probe, skew| Probed {
+        probe,
+        skew,
+        lease: None,
+    };
     let unreachable = |e: String| {
         Probe::Failed(Problem {
             reason: "Unreachable",
@@ -492,97 +767,207 @@ async fn probe(client: &Client, me: &Me, peer: &str, namespace: &str) -> Probe {
     };
     // Refused credentials are a configuration mistake, not a silent peer: it is
     // left out of planning rather than counted as lost.
-    let refused = |e: &kube::Error| match e {
-        kube::Error::Api(s) if s.code == 401 || s.code == 403 => Some(Probe::Failed(Problem {
+    let forbidden = |e: String| {
+        Probe::Failed(Problem {
             reason: "Forbidden",
             message: format!(
-                "cluster {peer}'s API server refused the token in the kubeconfig ({e}): bind its ServiceAccount to the ClusterRole and Role outrigger-peer-reader there, or run `outrigger peer add {peer} --kubeconfig FILE` again"
+                "cluster {peer}'s API server refused the token in the kubeconfig ({e}): it may have expired (status.tokenExpiresAt) or been revoked; run `outrigger peer rotate {peer} --kubeconfig FILE`, or `outrigger peer add {peer} --kubeconfig FILE` again"
             ),
             misconfigured: true,
-        })),
+        })
+    };
+    let refused = |e: &kube::Error| match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => Some(forbidden(e.to_string())),
         _ => None,
     };
-    let version = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
-        Ok(Ok(info)) => info.git_version,
-        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
-        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+    let sent = (peers.clock)();
+    let (version, skew) = match tokio::time::timeout(PROBE_TIMEOUT, version(client)).await {
+        Ok(Ok((info, date))) => {
+            let received = (peers.clock)();
+            (
+                info,
+                date.map(|d| skew_after(before.skew, d, sent, received)),
+            )
+        }
+        Ok(Err(VersionError::Refused(e))) => return failed(forbidden(e), None),
+        Ok(Err(VersionError::Failed(e))) => return failed(unreachable(e), None),
+        Err(_) => {
+            return failed(
+                unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+                None,
+            );
+        }
     };
     let namespaces: Api<Namespace> = Api::all(client.clone());
     match tokio::time::timeout(PROBE_TIMEOUT, namespaces.get_opt("kube-system")).await {
         Ok(Ok(Some(ns))) if ns.metadata.uid.is_some() && ns.metadata.uid == me.uid => {
-            return Probe::Failed(Problem {
-                reason: "SameCluster",
-                message: format!(
-                    "the kubeconfig in spec.kubeconfigSecretRef points back at this cluster ({}): give it the address and token of cluster {peer} (outrigger peer add {peer} --kubeconfig FILE)",
-                    me.name
-                ),
-                misconfigured: true,
-            });
+            return failed(
+                Probe::Failed(Problem {
+                    reason: "SameCluster",
+                    message: format!(
+                        "the kubeconfig in spec.kubeconfigSecretRef points back at this cluster ({}): give it the address and token of cluster {peer} (outrigger peer add {peer} --kubeconfig FILE)",
+                        me.name
+                    ),
+                    misconfigured: true,
+                }),
+                skew,
+            );
         }
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
-        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+        Ok(Err(e)) => {
+            return failed(
+                refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
+                skew,
+            );
+        }
+        Err(_) => {
+            return failed(
+                unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+                skew,
+            );
+        }
     }
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let lease = match tokio::time::timeout(PROBE_TIMEOUT, leases.get_opt(&me.lease_name)).await {
         Ok(Ok(lease)) => lease,
-        Ok(Err(e)) => return refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
-        Err(_) => return unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+        Ok(Err(e)) => {
+            return failed(
+                refused(&e).unwrap_or_else(|| unreachable(e.to_string())),
+                skew,
+            );
+        }
+        Err(_) => {
+            return failed(
+                unreachable(format!("no answer within {PROBE_TIMEOUT:?}")),
+                skew,
+            );
+        }
     };
     let Some(lease) = lease else {
-        return Probe::Failed(Problem {
-            reason: "NotLeading",
-            message: format!(
-                "cluster {peer} has no Lease {namespace}/{}: its Outrigger has never run there; install the chart in namespace {namespace} or set spec.operatorNamespace",
-                me.lease_name
-            ),
-            misconfigured: false,
-        });
+        return failed(
+            Probe::Failed(Problem {
+                reason: "NotLeading",
+                message: format!(
+                    "cluster {peer} has no Lease {namespace}/{}: its Outrigger has never run there; install the chart in namespace {namespace} or set spec.operatorNamespace",
+                    me.lease_name
+                ),
+                misconfigured: false,
+            }),
+            skew,
+        );
     };
     let annotations = lease.metadata.annotations.clone().unwrap_or_default();
     let said = annotations.get(CLUSTER_NAME_ANNOTATION);
     if said == Some(&me.name) {
-        return Probe::Failed(Problem {
-            reason: "DuplicateName",
-            message: format!(
-                "cluster {peer}'s Outrigger runs with --cluster-name {}, the same as this cluster's: give each cluster its own clusterName (chart value) and name the PeerCluster after it",
-                me.name
-            ),
-            misconfigured: true,
-        });
+        return failed(
+            Probe::Failed(Problem {
+                reason: "DuplicateName",
+                message: format!(
+                    "cluster {peer}'s Outrigger runs with --cluster-name {}, the same as this cluster's: give each cluster its own clusterName (chart value) and name the PeerCluster after it",
+                    me.name
+                ),
+                misconfigured: true,
+            }),
+            skew,
+        );
     }
     if let Some(said) = said.filter(|s| s.as_str() != peer) {
-        return Probe::Failed(Problem {
-            reason: "NameMismatch",
-            message: format!(
-                "the peer's Outrigger runs with --cluster-name {said}, but this PeerCluster is named {peer}: rename the PeerCluster to {said} (outrigger peer remove {peer}; outrigger peer add {said} ...)"
-            ),
-            misconfigured: true,
-        });
+        return failed(
+            Probe::Failed(Problem {
+                reason: "NameMismatch",
+                message: format!(
+                    "the peer's Outrigger runs with --cluster-name {said}, but this PeerCluster is named {peer}: rename the PeerCluster to {said} (outrigger peer remove {peer}; outrigger peer add {said} ...)"
+                ),
+                misconfigured: true,
+            }),
+            skew,
+        );
     }
-    let spec = lease.spec.unwrap_or_default();
-    let live = spec
-        .holder_identity
-        .as_deref()
-        .is_some_and(|h| !h.is_empty())
-        && spec.renew_time.is_some_and(|t| {
-            let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-            t.0 + SignedDuration::from_secs(secs) >= Timestamp::now()
-        });
+    let spec = lease.spec.clone().unwrap_or_default();
+    let read = LeaseRead {
+        version: lease.metadata.resource_version.clone().unwrap_or_default(),
+        held: spec
+            .holder_identity
+            .as_deref()
+            .is_some_and(|h| !h.is_empty()),
+        renewed: spec.renew_time.map(|t| t.0),
+        duration: SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15))),
+    };
+    let (seen, live) = lease_after(
+        before.lease.as_ref(),
+        &read,
+        skew.or(before.skew).unwrap_or_default(),
+        (peers.clock)(),
+    );
     if !live {
-        return Probe::Failed(Problem {
-            reason: "NotLeading",
-            message: format!(
-                "the leader Lease {namespace}/{} of cluster {peer} has no live holder: its Outrigger is not running (kubectl -n {namespace} get pods, in that cluster)",
-                me.lease_name
-            ),
-            misconfigured: false,
-        });
+        return Probed {
+            probe: Probe::Failed(Problem {
+                reason: "NotLeading",
+                message: format!(
+                    "the leader Lease {namespace}/{} of cluster {peer} has no live holder (not renewed for its leaseDurationSeconds, as seen from here): its Outrigger is not running (kubectl -n {namespace} get pods, in that cluster)",
+                    me.lease_name
+                ),
+                misconfigured: false,
+            }),
+            skew,
+            lease: Some(seen),
+        };
     }
-    Probe::Answered {
-        version,
-        operator_version: annotations.get(VERSION_ANNOTATION).cloned(),
+    Probed {
+        probe: Probe::Answered {
+            version,
+            operator_version: annotations.get(VERSION_ANNOTATION).cloned(),
+        },
+        skew,
+        lease: Some(seen),
     }
+}
+
+enum VersionError {
+    /// 401 or 403: the token is refused.
+    Refused(String),
+    Failed(String),
+}
+
+/// The API server's `gitVersion`, and the `Date` its answer carried.
+async fn version(client: &Client) -> Result<(String, Option<Timestamp>), VersionError> {
+    let request = axum::http::Request::get("/version")
+        .body(kube::client::Body::empty())
+        .map_err(|e| VersionError::Failed(e.to_string()))?;
+    let response = client
+        .send(request)
+        .await
+        .map_err(|e| VersionError::Failed(e.to_string()))?;
+    let status = response.status();
+    let date = response
+        .headers()
+        .get(axum::http::header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(http_date);
+    let body = response
+        .into_body()
+        .collect_bytes()
+        .await
+        .map_err(|e| VersionError::Failed(e.to_string()))?;
+    if status == axum::http::StatusCode::UNAUTHORIZED || status == axum::http::StatusCode::FORBIDDEN
+    {
+        return Err(VersionError::Refused(format!("HTTP {status}")));
+    }
+    if !status.is_success() {
+        return Err(VersionError::Failed(format!(
+            "GET /version answered HTTP {status}"
+        )));
+    }
+    let info: k8s_openapi::apimachinery::pkg::version::Info = serde_json::from_slice(&body)
+        .map_err(|e| VersionError::Failed(format!("GET /version answered no version: {e}")))?;
+    Ok((info.git_version, date))
+}
+
+/// An HTTP `Date` (RFC 9110's IMF-fixdate, as every API server sends it).
+fn http_date(text: &str) -> Option<Timestamp> {
+    k8s_openapi::jiff::fmt::rfc2822::parse(text)
+        .ok()
+        .map(|zoned| zoned.timestamp())
 }
 
 fn hash_json<T: serde::Serialize>(value: &T) -> u64 {
@@ -687,6 +1072,108 @@ mod tests {
         let problem = unreadable("p", false, at(0), AFTER, at(5)).expect("unreadable");
         assert!(problem.misconfigured);
         assert_eq!(problem.reason, "NotReadable");
+    }
+
+    #[test]
+    fn a_lease_counts_live_by_changes_seen_here_whatever_its_clock_says() {
+        let d = SignedDuration::from_secs(15);
+        let read = |v: &str, renewed: i64| LeaseRead {
+            version: v.into(),
+            held: true,
+            renewed: Some(at(renewed)),
+            duration: d,
+        };
+        // The peer's clock runs 60 s behind: its renewTime says 60 s ago, and the
+        // measured skew of -60 s puts that at now.
+        let skew = SignedDuration::from_secs(-60);
+        let (seen, live) = lease_after(None, &read("1", -60), skew, at(0));
+        assert!(live, "first seen, corrected by the skew");
+        // Renewed (a new version) every 2 s: live, though its times stay 60 s behind.
+        let (seen, live) = lease_after(Some(&seen), &read("2", -58), skew, at(2));
+        assert!(live);
+        assert_eq!(seen.changed_at, at(2));
+        // No change for longer than its duration: not live.
+        let (_, live) = lease_after(Some(&seen), &read("2", -58), skew, at(18));
+        assert!(!live);
+        // First seen with a renewTime long past (no skew known): not live.
+        let (_, live) = lease_after(None, &read("9", -100), SignedDuration::ZERO, at(0));
+        assert!(!live);
+        // Not held: not live.
+        let mut free = read("3", 0);
+        free.held = false;
+        assert!(!lease_after(None, &free, SignedDuration::ZERO, at(0)).1);
+    }
+
+    #[test]
+    fn the_skew_is_measured_from_the_date_and_kept_through_noise() {
+        // The peer's Date says 60 s behind the midpoint of a 200 ms round trip.
+        let sent = at(100);
+        let received = sent + SignedDuration::from_millis(200);
+        let skew = skew_after(None, at(40), sent, received);
+        assert_eq!(skew, SignedDuration::from_secs(-60));
+        // Half a second of rounding later, the same skew is kept.
+        let again = skew_after(
+            Some(skew),
+            at(41),
+            sent + SignedDuration::from_millis(700),
+            received + SignedDuration::from_millis(700),
+        );
+        assert_eq!(again, skew);
+        // A clock that moved: the new skew replaces it.
+        assert_eq!(
+            skew_after(Some(skew), at(90), sent, received),
+            SignedDuration::from_secs(-10)
+        );
+        assert_eq!(
+            skew_after(None, at(100), sent, received),
+            SignedDuration::ZERO
+        );
+        assert_eq!(
+            http_date("Mon, 07 Dec 2026 23:38:51 GMT").map(|t| t.as_second()),
+            Some(1_796_686_731)
+        );
+    }
+
+    #[test]
+    fn silent_watches_are_restarted_then_the_peer_is_stale_until_they_hear() {
+        let limit = SignedDuration::from_secs(5);
+        let mut state = Staleness::default();
+        let f = |state: &mut Staleness, mirrored: &str, t: i64| {
+            freshness(state, Some("7"), Some(mirrored), limit, at(t))
+        };
+        assert_eq!(f(&mut state, "7", 0), Freshness::Fresh);
+        assert_eq!(
+            f(&mut state, "6", 1),
+            Freshness::Fresh,
+            "lagging, not yet long"
+        );
+        assert_eq!(f(&mut state, "6", 6), Freshness::Restart);
+        assert_eq!(
+            f(&mut state, "6", 8),
+            Freshness::Fresh,
+            "the restart gets its time"
+        );
+        assert_eq!(
+            f(&mut state, "6", 11),
+            Freshness::Stale {
+                since: at(1),
+                restart: true
+            }
+        );
+        assert_eq!(
+            f(&mut state, "6", 12),
+            Freshness::Stale {
+                since: at(1),
+                restart: false
+            }
+        );
+        assert_eq!(f(&mut state, "7", 13), Freshness::Fresh, "heard again");
+        assert_eq!(state, Staleness::default());
+        // A probe that read no Lease judges nothing.
+        assert_eq!(
+            freshness(&mut state, None, Some("1"), limit, at(99)),
+            Freshness::Fresh
+        );
     }
 
     #[test]

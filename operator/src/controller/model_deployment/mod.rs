@@ -138,6 +138,16 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     // Observe: the facts this deployment's plan reads.
     let deciding = std::time::Instant::now();
     let shared = &ctx.shared;
+    let name = format!("{}/{}", key.0, key.1);
+    // As the API server holds them: a write of new ones triggers the next pass.
+    shared.metrics.set_conditions(
+        "ModelDeployment",
+        &name,
+        md.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+    );
     let now = shared.now();
     let inventory = shared.stores.inventory(now);
     let grace = Duration::from_secs(u64::from(md.spec.failover.unhealthy_after_seconds));
@@ -170,6 +180,13 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
             lost,
         ),
     };
+    // Every replica this cluster knows of, its lost peers' as last seen included:
+    // over the spec for long means both sides of a partition serve it all.
+    let running = current.values().sum::<u32>() + lost.iter().map(|l| l.replicas).sum::<u32>();
+    shared.metrics.set_over_spec(
+        &name,
+        running.saturating_sub(md.spec.replicas.max(0).unsigned_abs()),
+    );
     if cluster.is_some() && !md.finalizers().iter().any(|f| f == peers::FINALIZER) {
         // Served with peers: a deleted copy hands its share over before its replicas go.
         set_finalizer(md, &shared.applier, true).await?;

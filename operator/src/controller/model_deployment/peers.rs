@@ -1,13 +1,14 @@
 //! Which clusters serve a ModelDeployment, and its view over their pools. Peers
-//! whose standing is not known yet make the pass wait; lost peers are left out
-//! (the others take their share); serving peers count only if they hold a copy.
+//! whose standing is not known yet make the pass wait, unless their mirrors show
+//! they hold no copy of it; lost peers are left out (the others take their share);
+//! serving peers count only if they hold a copy.
 
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use outrigger_crds::ModelDeployment;
 
 use crate::observe::global::{self, Cluster, GlobalView};
-use crate::observe::inventory::{Child, Inventory, Key};
+use crate::observe::inventory::{Inventory, Key};
 use crate::observe::peers::{Peers, Standing};
 
 /// On a copy served with peers: it hands its share over before its replicas go.
@@ -49,11 +50,9 @@ pub fn handover(key: &Key, peers: &Peers) -> Handover {
         }
         clusters.push(link.name.clone());
         ready += link
-            .remote
+            .facts()
             .children
-            .state()
             .iter()
-            .filter_map(|d| Child::of(d, 0))
             .filter(|c| &c.owner == key)
             .map(|c| c.ready.min(c.replicas))
             .sum::<u32>();
@@ -116,19 +115,21 @@ pub fn observe(
     let mut differ = Vec::new();
     let mut lost = Vec::new();
     for link in links {
-        let children = || -> Vec<Child> {
+        let holds_copy = || {
             link.remote
-                .children
-                .state()
-                .iter()
-                .filter_map(|d| Child::of(d, 0))
-                .collect()
+                .copies
+                .get(&ObjectRef::new(&key.1).within(&key.0))
+                .is_some()
         };
         match link.standing() {
+            // Listed, and without a copy of this deployment: nothing to wait for.
+            Standing::Waiting if link.synced() && !holds_copy() => continue,
             Standing::Waiting => return Observed::Wait(link.name.clone()),
             Standing::Misconfigured => continue,
             Standing::Lost { since } => {
-                let replicas = children()
+                let replicas = link
+                    .facts()
+                    .children
                     .iter()
                     .filter(|c| &c.owner == key)
                     .map(|c| c.replicas)
@@ -153,7 +154,7 @@ pub fn observe(
         {
             local.held |= status.lost_since.is_some();
             if let Some(back) = status.back_since {
-                local.back_since = local.back_since.max(Some(back.0));
+                local.back_since = local.back_since.max(Some(link.local_time(back.0)));
             }
         }
         let Some(copy) = link
@@ -172,12 +173,13 @@ pub fn observe(
             }
             Err(_) => differ.push(link.name.clone()),
         }
-        let mut pools = link.remote.pools.state();
-        pools.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        // Bounded, checked and on the local clock; rejected pools are left out
+        // (the PeerCluster's FactsValid says which).
+        let facts = link.facts();
         clusters.push(Cluster {
             name: link.name.clone(),
-            pools,
-            children: children(),
+            pools: facts.pools,
+            children: facts.children,
             back_since: link.contact().back_since,
             held: false,
         });

@@ -21,6 +21,8 @@ use outrigger_crds::{PeerCluster, PeerClusterStatus, condition};
 use super::apply::{manager, without_nulls};
 use super::{Context, Error};
 use crate::observe::peers::{Contact, Link, Peers, Problem};
+
+pub mod kubeconfig;
 use crate::status;
 use crate::telemetry::PeerLabels;
 
@@ -33,17 +35,29 @@ const LAST_SEEN_STEP: SignedDuration = SignedDuration::from_secs(15);
 const CLUSTER_NAME_MISSING: &str = "ClusterNameMissing";
 /// How long a connection to a peer's API may take to open.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long building a peer's client may take. An admitted kubeconfig holds only
+/// inline data, so this is milliseconds; the bound keeps one broken peer from
+/// holding up every deployment's plan.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The reason of a kubeconfig that holds what a peer's may not.
+pub const KUBECONFIG_REFUSED: &str = "KubeconfigRefused";
+/// The `FactsValid` reason, and the Event, of a peer whose pools fail the checks.
+const PEER_FACTS_REJECTED: &str = "PeerFactsRejected";
 
 pub struct Ctx {
     pub shared: Arc<Context>,
     pub peers: Arc<Peers>,
     pub client: Client,
+    /// The one namespace whose Secrets hold peer kubeconfigs
+    /// (`--peer-secret-namespace`, chart `peers.secretNamespace`).
+    pub secret_namespace: String,
 }
 
 #[tracing::instrument(name = "reconcile", skip_all, fields(controller = CONTROLLER, object = peer.metadata.name.as_deref().unwrap_or_default()))]
 pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let _timer = ctx.shared.metrics.reconcile_timer(CONTROLLER);
     let name = peer.name_any();
+    let mut token_expires = None;
     let link = if ctx.peers.me.name.is_empty() {
         Err(problem(
             CLUSTER_NAME_MISSING,
@@ -53,10 +67,21 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
         ))
     } else {
         match connect(&peer, &ctx).await {
-            Ok((client, server, fingerprint)) => {
-                Ok(ctx
-                    .peers
-                    .ensure(&peer, client, server, fingerprint, carried(&peer)))
+            Ok(connected) => {
+                token_expires = connected.token_expires;
+                Ok(ctx.peers.ensure(
+                    &peer,
+                    connected.client,
+                    connected.server,
+                    connected.fingerprint,
+                    carried(&peer),
+                ))
+            }
+            // A refused kubeconfig ends the link: whoever wrote it must not keep
+            // steering this cluster through the credentials it replaced.
+            Err(problem) if problem.reason == KUBECONFIG_REFUSED => {
+                ctx.peers.drop_link(&name);
+                Err(problem)
             }
             // A link that works stays through a failed read of its Secret (only a
             // deleted PeerCluster drops it): planning without a peer would launch its
@@ -72,8 +97,24 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
     };
     ctx.peers.settled(&name);
     let now = ctx.shared.now();
-    let desired = desired(&peer, &link, &ctx.peers.me.name, now);
+    let mut desired = desired(&peer, &link, &ctx.peers.me.name, now);
+    if let Some(expires) = token_expires {
+        desired.token_expires_at = Some(whole_seconds(expires));
+    }
+    desired
+        .conditions
+        .extend(trust(&peer, &link, &desired, now));
     let labels = PeerLabels { peer: name.clone() };
+    ctx.shared
+        .metrics
+        .set_conditions("PeerCluster", &name, &desired.conditions);
+    if let Some(skew) = desired.clock_skew_seconds {
+        ctx.shared
+            .metrics
+            .peer_clock_skew_seconds
+            .get_or_create(&labels)
+            .set(skew);
+    }
     let reachable = desired
         .conditions
         .iter()
@@ -135,11 +176,30 @@ fn problem(reason: &'static str, message: String) -> Problem {
     }
 }
 
-/// A client of the peer from the kubeconfig in the PeerCluster's Secret, the
-/// server it reaches, and a fingerprint of what it was built from.
-async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<(Client, String, u64), Problem> {
+/// A client of the peer, built from an admitted kubeconfig.
+struct Connected {
+    client: Client,
+    /// The server it reaches.
+    server: String,
+    /// Of the PeerCluster's spec and the Secret's version: a change makes a new link.
+    fingerprint: u64,
+    /// When its token expires, if it says.
+    token_expires: Option<Timestamp>,
+}
+
+/// A client of the peer from the kubeconfig in the PeerCluster's Secret.
+async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<Connected, Problem> {
     let reference = &peer.spec.kubeconfig_secret_ref;
     let at = format!("Secret {}/{}", reference.namespace, reference.name);
+    if reference.namespace != ctx.secret_namespace {
+        return Err(problem(
+            "SecretNamespaceRefused",
+            format!(
+                "{at} (spec.kubeconfigSecretRef.namespace) is outside the peer Secret namespace {}: the operator reads peer kubeconfigs there only; move the Secret (outrigger peer add --secret-namespace {}) or set the chart value peers.secretNamespace",
+                ctx.secret_namespace, ctx.secret_namespace
+            ),
+        ));
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &reference.namespace);
     let secret = match secrets.get_opt(&reference.name).await {
         Ok(Some(secret)) => secret,
@@ -186,11 +246,28 @@ async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<(Client, String, u64),
         )
     };
     let text = std::str::from_utf8(&bytes.0).map_err(|e| invalid(e.to_string()))?;
+    // Parsing reads nothing it names; building a client from it might, so it is
+    // checked in between: nothing is read, run or connected to unless it is
+    // inline data and an https server.
     let kubeconfig = Kubeconfig::from_yaml(text).map_err(|e| invalid(e.to_string()))?;
-    let mut config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .map_err(|e| invalid(e.to_string()))?;
+    kubeconfig::admit(text).map_err(|refusal| {
+        problem(
+            KUBECONFIG_REFUSED,
+            format!(
+                "the kubeconfig in {at}, key {}, is refused and no connection was made: {refusal}; write it again with `outrigger peer add {} --kubeconfig FILE`",
+                reference.key,
+                peer.name_any()
+            ),
+        )
+    })?;
+    let token_expires = kubeconfig::token(text).and_then(|t| token_expiry(&t));
+    let mut config = tokio::time::timeout(
+        BUILD_TIMEOUT,
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()),
+    )
+    .await
+    .map_err(|_| invalid(format!("building its client took over {BUILD_TIMEOUT:?}")))?
+    .map_err(|e| invalid(e.to_string()))?;
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| invalid(e.to_string()))?;
@@ -199,7 +276,141 @@ async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<(Client, String, u64),
         .unwrap_or_default()
         .hash(&mut hasher);
     secret.metadata.resource_version.hash(&mut hasher);
-    Ok((client, server, hasher.finish()))
+    Ok(Connected {
+        client,
+        server,
+        fingerprint: hasher.finish(),
+        token_expires,
+    })
+}
+
+/// The `exp` claim of a JSON Web Token (a TokenRequest token has one; a legacy
+/// Secret token does not). Read, not verified: the peer's API server verifies it,
+/// and this only says when to renew.
+fn token_expiry(token: &str) -> Option<Timestamp> {
+    use base64::Engine;
+    let claims = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Timestamp::from_second(claims.get("exp")?.as_i64()?).ok()
+}
+
+/// A clock this far from this cluster's is reported (`ClockSkew`): more than the
+/// `Date` header's rounding and a slow network, and a third of the shortest
+/// `unreachableAfterSeconds` worth caring about.
+const SKEW_LIMIT: i64 = 5;
+/// `TokenExpiring` turns True this long before the token expires: time for a
+/// person to run `outrigger peer rotate` after the alert.
+const TOKEN_WARNING: SignedDuration = SignedDuration::from_hours(7 * 24);
+
+/// The conditions on what the peer is trusted with: `FactsValid`, `ClockSkew`
+/// and `TokenExpiring`. Each is left out until there is something to judge (the
+/// mirrors listed, a `Date` seen, a token read); a previous one stays meanwhile.
+fn trust(
+    peer: &PeerCluster,
+    link: &Result<Arc<Link>, Problem>,
+    desired: &PeerClusterStatus,
+    now: Timestamp,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let previous = peer
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let generation = peer.metadata.generation;
+    let name = peer.name_any();
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| {
+        status::condition(previous, type_, ok, reason, message, generation, now)
+    };
+    let kept = |type_: &str| previous.iter().find(|c| c.type_ == type_).cloned();
+    let link = link.as_ref().ok();
+    let facts = match link.filter(|l| l.synced()) {
+        Some(link) => {
+            let facts = link.facts();
+            Some(if facts.rejected.is_empty() {
+                cond(
+                    condition::FACTS_VALID,
+                    true,
+                    "PeerFactsAccepted",
+                    format!(
+                        "the {} GpuNodePools cluster {name} publishes pass the checks a local pool passes",
+                        facts.pools.len()
+                    ),
+                )
+            } else {
+                let said: Vec<String> = facts
+                    .rejected
+                    .iter()
+                    .map(|r| format!("pool {}: {}", r.pool, r.problem))
+                    .collect();
+                cond(
+                    condition::FACTS_VALID,
+                    false,
+                    PEER_FACTS_REJECTED,
+                    format!(
+                        "cluster {name} publishes GpuNodePools that fail the checks a local pool passes, so they are left out of every plan: {}; fix them in cluster {name}",
+                        said.join("; ")
+                    ),
+                )
+            })
+        }
+        None => kept(condition::FACTS_VALID),
+    };
+    let skew = match desired.clock_skew_seconds {
+        Some(skew) if skew.abs() > SKEW_LIMIT => Some(cond(
+            condition::CLOCK_SKEW,
+            true,
+            "ClockSkewed",
+            format!(
+                "cluster {name}'s clock is {} s {} this cluster's (from its API server's Date header): the times it publishes are corrected by it, but leader Leases and Events read alike everywhere only with synchronised clocks; run NTP (chrony) on both clusters' nodes",
+                skew.abs(),
+                if skew > 0 { "ahead of" } else { "behind" }
+            ),
+        )),
+        Some(skew) => Some(cond(
+            condition::CLOCK_SKEW,
+            false,
+            "ClocksAgree",
+            format!("cluster {name}'s clock is within {SKEW_LIMIT} s of this cluster's ({skew} s)"),
+        )),
+        None => kept(condition::CLOCK_SKEW),
+    };
+    let token = match desired.token_expires_at.as_ref() {
+        Some(expires) if expires.0 <= now => Some(cond(
+            condition::TOKEN_EXPIRING,
+            true,
+            "TokenExpired",
+            format!(
+                "the token this cluster reads cluster {name} with expired at {}: renew it with `outrigger peer rotate {name} --kubeconfig FILE`",
+                expires.0
+            ),
+        )),
+        Some(expires) if expires.0 <= now + TOKEN_WARNING => Some(cond(
+            condition::TOKEN_EXPIRING,
+            true,
+            "TokenExpiresSoon",
+            format!(
+                "the token this cluster reads cluster {name} with expires at {}: renew it with `outrigger peer rotate {name} --kubeconfig FILE`",
+                expires.0
+            ),
+        )),
+        Some(expires) => Some(cond(
+            condition::TOKEN_EXPIRING,
+            false,
+            "TokenValid",
+            format!("the token expires at {}", expires.0),
+        )),
+        None if link.is_some() => Some(cond(
+            condition::TOKEN_EXPIRING,
+            false,
+            "NoExpiry",
+            "the kubeconfig's credential says no expiry (a client certificate or a legacy token): `outrigger peer rotate` replaces it with a token that expires".to_string(),
+        )),
+        None => kept(condition::TOKEN_EXPIRING),
+    };
+    [facts, skew, token].into_iter().flatten().collect()
 }
 
 /// The status the link's contact calls for.
@@ -306,6 +517,11 @@ fn desired(
         operator_version: contact.operator_version.or(before.operator_version),
         lost_since: contact.lost_since.map(whole_seconds),
         back_since: contact.back_since.map(whole_seconds),
+        token_expires_at: before.token_expires_at,
+        clock_skew_seconds: contact
+            .skew
+            .map(|s| s.as_secs())
+            .or(before.clock_skew_seconds),
         conditions: vec![reachable, mutual],
     }
 }
@@ -316,7 +532,9 @@ fn whole_seconds(t: Timestamp) -> Time {
     Time(Timestamp::from_second(t.as_second()).unwrap_or(t))
 }
 
-/// `PeerLost` and `PeerBack`, when the status records a new loss or return.
+/// `PeerLost` and `PeerBack`, when the status records a new loss or return;
+/// `PeerFactsRejected`, `ClockSkew` and `TokenExpiring` when they turn bad or say
+/// something new.
 async fn announce(
     peer: &PeerCluster,
     before: &PeerClusterStatus,
@@ -357,5 +575,21 @@ async fn announce(
         );
         ctx.publish(&reference, "Probing", EventType::Normal, "PeerBack", note)
             .await;
+    }
+    for (type_, bad, reason) in [
+        (condition::FACTS_VALID, "False", PEER_FACTS_REJECTED),
+        (condition::CLOCK_SKEW, "True", "ClockSkew"),
+        (condition::TOKEN_EXPIRING, "True", "TokenExpiring"),
+    ] {
+        let find = |s: &PeerClusterStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == bad)
+                .map(|c| (c.reason.clone(), c.message.clone()))
+        };
+        if let Some((_, message)) = find(after).filter(|now| Some(now) != find(before).as_ref()) {
+            ctx.publish(&reference, "Checking", EventType::Warning, reason, message)
+                .await;
+        }
     }
 }
