@@ -26,8 +26,9 @@ pub use gpu_node_pool::{
     PoolGpu, Scaling,
 };
 pub use model_deployment::{
-    FailoverSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, PlacementSpec,
-    PlacementStatus, ReplicaGpu, ServiceSpec, SpreadBy, SpreadRule, Strategy, WhenUnsatisfiable,
+    ChildStatus, FailoverSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus,
+    PlacementSpec, PlacementStatus, ReplicaGpu, ServiceSpec, SpreadBy, SpreadRule, Strategy,
+    WhenUnsatisfiable,
 };
 pub use peer_cluster::{PeerCluster, PeerClusterSpec, PeerClusterStatus, SecretKeyRef};
 pub use provider::{CapacityType, Provider};

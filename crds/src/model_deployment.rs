@@ -373,11 +373,29 @@ pub struct ModelDeploymentStatus {
     /// Cost of the placed replicas, in USD per hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_hour: Option<f64>,
+    /// This cluster's child Deployments of this copy, one per pool, as they stand:
+    /// what its peers plan with (a peer reads no Deployments).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<ChildStatus>,
     /// `Ready`, `Diversified` and `Degraded`, with a message saying what could not be
     /// met and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// One child Deployment in this cluster, as its peers read it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChildStatus {
+    /// The GpuNodePool (in this cluster) it runs on.
+    pub pool: String,
+    /// Replicas it asks for.
+    pub replicas: u32,
+    /// Its Ready replicas.
+    pub ready_replicas: u32,
+    /// GPUs each replica requests.
+    pub gpus_per_replica: u32,
 }
 
 /// Replicas of a ModelDeployment on one pool.

@@ -228,6 +228,8 @@ pub fn desired(
         placements,
         providers: Some(providers),
         cost_per_hour: Some(plan.cost_per_hour),
+        // This cluster's own children, filled in by the caller that knows them.
+        children: Vec::new(),
         conditions,
     }
 }

@@ -141,6 +141,7 @@ pub struct Metrics {
     pub peer_reachable: Family<PeerLabels, Gauge>,
     pub peer_last_seen_seconds: Family<PeerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub peer_clock_skew_seconds: Family<PeerLabels, Gauge>,
+    pub peer_watch_restarts: Family<PeerLabels, Gauge>,
     status_condition: Family<ConditionLabels, Gauge>,
     /// The series of `status_condition` set per object (kind and name), so a
     /// changed or deleted condition's go.
@@ -250,6 +251,12 @@ impl Metrics {
             "The peer's clock minus this cluster's, in whole seconds, from its API server's Date header, by PeerCluster",
             peer_clock_skew_seconds.clone(),
         );
+        let peer_watch_restarts = Family::<PeerLabels, Gauge>::default();
+        registry.register(
+            "peer_watch_restarts",
+            "How often the current link's watches of the peer were started anew (it answered after a failed probe, or they went silent while it answered), by PeerCluster",
+            peer_watch_restarts.clone(),
+        );
         let status_condition = Family::<ConditionLabels, Gauge>::default();
         registry.register(
             "status_condition",
@@ -285,6 +292,7 @@ impl Metrics {
             peer_reachable,
             peer_last_seen_seconds,
             peer_clock_skew_seconds,
+            peer_watch_restarts,
             status_condition,
             condition_series: Default::default(),
             replicas_over_spec,
@@ -381,6 +389,7 @@ impl Metrics {
         self.peer_reachable.remove(&labels);
         self.peer_last_seen_seconds.remove(&labels);
         self.peer_clock_skew_seconds.remove(&labels);
+        self.peer_watch_restarts.remove(&labels);
         self.forget_conditions("PeerCluster", peer);
     }
 

@@ -264,14 +264,6 @@ const USED: &[Use] = &[
     },
     Use {
         scope: Scope::PeerReader,
-        group: "apps",
-        resource: "deployments",
-        verbs: &["list", "watch"],
-        file: "observe/peers.rs",
-        code: "Api::<Deployment>::all(client.clone()),",
-    },
-    Use {
-        scope: Scope::PeerReader,
         group: "",
         resource: "namespaces",
         verbs: &["get"],

@@ -16,7 +16,7 @@
 //! | `DELETE /azure/scalesets/{subscription}/{resourceGroup}/{name}` | delete one, with its VMs |
 //! | `POST /azure/agentpools` | create an AKS agent pool, as a scale set in its node resource group (see [`AgentPoolFixture`]); answers the agent pool and its `scaleSet` |
 //! | `GET /links` | the peer links between clusters (`hack/peers`) and their modes |
-//! | `POST /links/partition` | `{"a": "aws", "b": "azure", "mode": "refuse" or "blackhole"}`: cut both directions |
+//! | `POST /links/partition` | `{"a": "aws", "b": "azure", "mode": "refuse", "blackhole" or "stall"}`: cut both directions |
 //! | `POST /links/heal` | `{"a": "aws", "b": "azure"}` (either or both optional): open the links again |
 //! | `POST /clusters/{name}/down` | stop a whole cluster's control plane, keeping its data (`hack/peers fault down`) |
 //! | `POST /clusters/{name}/up` | start it again with the same data |
@@ -312,7 +312,7 @@ async fn partition(
 ) -> Result<Json<Value>, ControlError> {
     if request.mode == LinkMode::Open {
         return Err(bad_request(
-            "mode must be refuse or blackhole; POST /links/heal opens links",
+            "mode must be refuse, blackhole or stall; POST /links/heal opens links",
         ));
     }
     if !shared.links.joins(&request.a, &request.b) {

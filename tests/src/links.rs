@@ -9,7 +9,10 @@
 //! - `refuse`: the listener is closed, so a new connection is refused, and every
 //!   open one is reset;
 //! - `blackhole`: a new connection is accepted and never answered, and open ones
-//!   stop forwarding: what hangs a client that has no timeouts. Healing resets them.
+//!   stop forwarding: what hangs a client that has no timeouts. Healing resets them;
+//! - `stall`: the connections open when it stalls stop forwarding and stay open,
+//!   unanswered, while new ones are forwarded: a proxy that holds long requests, so
+//!   watches go silent while short calls still answer. Healing resets the held ones.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +29,7 @@ pub enum LinkMode {
     Open,
     Refuse,
     Blackhole,
+    Stall,
 }
 
 /// One direction between two clusters: `from`'s operator reaches `to` at `listen`.
@@ -199,23 +203,27 @@ async fn serve(listener: TcpListener, spec: LinkSpec, mut mode: watch::Receiver<
 /// Carries one connection while the link is open; a refused link resets it, a
 /// blackholed one holds it unanswered until the link changes again.
 async fn forward(mut client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<LinkMode>) {
-    let current = *mode.borrow_and_update();
-    match current {
+    let began = *mode.borrow_and_update();
+    match began {
         LinkMode::Refuse => return reset(client),
-        LinkMode::Blackhole => return hold(client, mode).await,
-        LinkMode::Open => {}
+        LinkMode::Blackhole => return hold(client, mode, LinkMode::Blackhole).await,
+        LinkMode::Open | LinkMode::Stall => {}
     }
     let Ok(mut upstream) = TcpStream::connect(target).await else {
         return reset(client);
     };
+    // A connection made during a stall is not stalled by it.
+    let carries = move |m: &LinkMode| {
+        *m == LinkMode::Open || (*m == LinkMode::Stall && began == LinkMode::Stall)
+    };
     let cut = tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => None,
-        m = mode.wait_for(|m| *m != LinkMode::Open) => m.ok().map(|m| *m),
+        m = mode.wait_for(|m| !carries(m)) => m.ok().map(|m| *m),
     };
     match cut {
-        Some(LinkMode::Blackhole) => {
+        Some(held @ (LinkMode::Blackhole | LinkMode::Stall)) => {
             drop(upstream);
-            hold(client, mode).await;
+            hold(client, mode, held).await;
         }
         Some(_) => {
             reset(upstream);
@@ -225,8 +233,9 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut mode: watch::Rec
     }
 }
 
-async fn hold(client: TcpStream, mut mode: watch::Receiver<LinkMode>) {
-    let _ = mode.wait_for(|m| *m != LinkMode::Blackhole).await;
+/// Keeps `client` open and unanswered while the link stays `held`, then resets it.
+async fn hold(client: TcpStream, mut mode: watch::Receiver<LinkMode>, held: LinkMode) {
+    let _ = mode.wait_for(|m| *m != held).await;
     reset(client);
 }
 
@@ -332,6 +341,55 @@ mod tests {
         );
         assert_eq!(round_trip(listen).await.unwrap(), b"ping");
         assert!(links.states().iter().all(|l| l.mode == LinkMode::Open));
+        tasks.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_stalled_link_holds_open_connections_and_forwards_new_ones() {
+        let target = echo().await;
+        let listen = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let mut tasks = JoinSet::new();
+        let spec = LinkSpec {
+            from: "aws".into(),
+            to: "azure".into(),
+            listen,
+            target,
+        };
+        let links = Links::start(vec![spec], &mut tasks).await.unwrap();
+        let mut open = TcpStream::connect(listen).await.unwrap();
+        let mut buf = [0u8; 4];
+        open.write_all(b"ping").await.unwrap();
+        open.read_exact(&mut buf).await.unwrap();
+
+        links.set(None, None, LinkMode::Stall);
+        open.write_all(b"ping").await.unwrap();
+        assert!(
+            tokio::time::timeout(NO_ANSWER, open.read(&mut buf))
+                .await
+                .is_err(),
+            "a connection open when the link stalls is held unanswered"
+        );
+        assert_eq!(
+            round_trip(listen).await.unwrap(),
+            b"ping",
+            "a new one is forwarded"
+        );
+        let mut during = TcpStream::connect(listen).await.unwrap();
+        during.write_all(b"ping").await.unwrap();
+        during.read_exact(&mut buf).await.unwrap();
+
+        links.set(None, None, LinkMode::Open);
+        let read = open.read(&mut buf).await;
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "healing resets the held connection: {read:?}"
+        );
+        during.write_all(b"ping").await.unwrap();
+        during.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping", "one made during the stall carries on");
         tasks.shutdown().await;
     }
 

@@ -205,6 +205,29 @@ async fn bad_peers_are_named_and_nothing_else_stops(run: &Run) {
         )
         .await
         .expect("create the twin's namespace");
+    // aws reads azure as ServiceAccount outrigger-peer-reader-aws, which may read
+    // only the leader Lease of azure's operator namespace: here it may read the
+    // twin's too.
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "outrigger-peer-reader", "namespace": twin},
+        "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                   "resourceNames": ["outrigger-leader"], "verbs": ["get", "list", "watch"]}],
+    }))
+    .unwrap();
+    Api::namespaced(run.azure.clone(), &twin)
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("the twin's reader Role");
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "outrigger-peer-reader-aws", "namespace": twin},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "outrigger-peer-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "outrigger-peer-reader-aws", "namespace": NAMESPACE}],
+    }))
+    .unwrap();
+    Api::namespaced(run.azure.clone(), &twin)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("the twin's reader RoleBinding");
     let renew = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
         k8s_openapi::jiff::Timestamp::now(),
     );

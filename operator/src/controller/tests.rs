@@ -279,7 +279,7 @@ async fn a_converged_pass_writes_nothing() {
         .filter(|s| s.path.contains("/deployments/"))
         .map(|s| serde_json::from_value(s.body.clone()).unwrap())
         .collect();
-    let budget = written
+    let budget: k8s_openapi::api::policy::v1::PodDisruptionBudget = written
         .iter()
         .find(|s| s.path.contains("/poddisruptionbudgets/"))
         .map(|s| serde_json::from_value(s.body.clone()).unwrap())
@@ -289,35 +289,70 @@ async fn a_converged_pass_writes_nothing() {
         .find(|s| s.path.ends_with("/status"))
         .map(|s| serde_json::from_value(s.body["status"].clone()).unwrap());
 
+    // The children the first pass wrote, as the watch shows them.
+    let converged = |client| {
+        let shared = context(
+            client,
+            pools.clone(),
+            children.clone(),
+            Clouds::default(),
+            &hands,
+        );
+        Arc::new(model_deployment::Ctx::new(Arc::new(Context {
+            stores: Stores::new(
+                shared.stores.pools.clone(),
+                shared.stores.nodes.clone(),
+                shared.stores.pods.clone(),
+                shared.stores.deployments.clone(),
+                store_of(Vec::new()),
+                store_of(vec![budget.clone()]),
+                Arc::default(),
+            ),
+            applier: shared.applier.clone(),
+            metrics: shared.metrics.clone(),
+            recorder: shared.recorder.clone(),
+            clouds: Clouds::default(),
+            clock: hands.clock(),
+            reclaim_backoff: std::time::Duration::from_secs(180),
+            peers: None,
+        })))
+    };
+    let writes = |seen: &Arc<std::sync::Mutex<Vec<Seen>>>| -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.is_write())
+            .map(Seen::describe)
+            .collect()
+    };
+    // The next pass publishes the children it now sees (status.children), and
+    // nothing else.
     let (client, seen) = api_server(json!({}));
-    let shared = context(client, pools, children, Clouds::default(), &hands);
-    let shared = Arc::new(Context {
-        stores: Stores::new(
-            shared.stores.pools.clone(),
-            shared.stores.nodes.clone(),
-            shared.stores.pods.clone(),
-            shared.stores.deployments.clone(),
-            store_of(Vec::new()),
-            store_of(vec![budget]),
-            Arc::default(),
-        ),
-        applier: shared.applier.clone(),
-        metrics: shared.metrics.clone(),
-        recorder: shared.recorder.clone(),
-        clouds: Clouds::default(),
-        clock: hands.clock(),
-        reclaim_backoff: std::time::Duration::from_secs(180),
-        peers: None,
-    });
-    let ctx = Arc::new(model_deployment::Ctx::new(shared));
-    reconcile_md(&ctx, &md).await;
-    let writes: Vec<String> = seen
+    reconcile_md(&converged(client), &md).await;
+    assert_eq!(
+        writes(&seen),
+        ["PATCH /apis/outrigger.dev/v1alpha1/namespaces/ns/modeldeployments/llm/status"],
+        "the second pass publishes the children"
+    );
+    let status = seen
         .lock()
         .unwrap()
         .iter()
-        .filter(|s| s.is_write())
-        .map(Seen::describe)
-        .collect();
+        .find(|s| s.path.ends_with("/status"))
+        .map(|s| s.body["status"].clone())
+        .unwrap();
+    assert_eq!(
+        status["children"],
+        json!([
+            {"pool": "aws-a", "replicas": 2, "readyReplicas": 0, "gpusPerReplica": 8},
+            {"pool": "azure-a", "replicas": 2, "readyReplicas": 0, "gpusPerReplica": 8},
+        ]),
+        "{status}"
+    );
+    md.status = Some(serde_json::from_value(status).unwrap());
+    let (client, seen) = api_server(json!({}));
+    reconcile_md(&converged(client), &md).await;
+    let writes = writes(&seen);
     assert!(writes.is_empty(), "a converged pass wrote {writes:?}");
 }
 

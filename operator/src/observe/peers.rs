@@ -1,6 +1,7 @@
 //! Peers: for each PeerCluster, a read-only link to the peer's API server. The link
-//! mirrors what the peer publishes (its GpuNodePools, its ModelDeployment copies,
-//! their child Deployments and its PeerClusters) and probes, every 500 ms, that
+//! mirrors what the peer publishes (its GpuNodePools, its ModelDeployment copies
+//! with the children each status lists, its PeerClusters and its leader Lease) and
+//! probes, every 500 ms, that
 //! its API answers and that its operator holds its leader Lease. A peer silent for
 //! `unreachableAfterSeconds` is lost; its next answer makes it back. Nothing here
 //! writes to a peer: every call is a get, a list or a watch.
@@ -10,7 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -29,7 +29,6 @@ use super::inventory::Child;
 use super::watch::{Notify, mirror_task};
 use super::{published, trim};
 use crate::controller::Clock;
-use crate::labels;
 
 /// How often a peer is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -40,8 +39,9 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Remote {
     pub pools: Store<GpuNodePool>,
+    /// Its ModelDeployment copies; each copy's status lists that cluster's
+    /// children of it (`status.children`): a peer reads no Deployments.
     pub copies: Store<DeserializeGuard<ModelDeployment>>,
-    pub children: Store<Deployment>,
     pub peers: Store<PeerCluster>,
     /// Its operator's leader Lease, renewed every 2 s: the canary that shows the
     /// watches still hear (`freshness`).
@@ -78,8 +78,8 @@ pub struct Contact {
     pub skew: Option<SignedDuration>,
     /// Its leader Lease as last seen changing, on this cluster's clock.
     pub lease: Option<LeaseSeen>,
-    /// How often this link's watches were started anew because they had gone
-    /// silent while the probe answered.
+    /// How often this link's watches were started anew: when the peer answered
+    /// after a failed probe, or when they had gone silent while it answered.
     pub watch_restarts: u32,
 }
 
@@ -216,10 +216,11 @@ impl Link {
     pub fn facts(&self) -> published::Facts {
         let children: Vec<Child> = self
             .remote
-            .children
+            .copies
             .state()
             .iter()
-            .filter_map(|d| Child::of(d, 0))
+            .filter_map(|copy| copy.0.as_ref().ok())
+            .flat_map(published_children)
             .collect();
         published::facts(
             &self.remote.pools.state(),
@@ -374,7 +375,7 @@ pub fn unreadable(
     (!synced && started + limit <= now).then(|| Problem {
         reason: "NotReadable",
         message: format!(
-            "cluster {peer} answers, but its GpuNodePools, ModelDeployments, Deployments or PeerClusters could not be listed within spec.unreachableAfterSeconds: install the Outrigger CRDs there (kubectl apply -f crds/), and bind the token's ServiceAccount to the ClusterRole outrigger-peer-reader (outrigger peer add)"
+            "cluster {peer} answers, but its GpuNodePools, ModelDeployments, PeerClusters or leader Lease could not be listed within spec.unreachableAfterSeconds: install the Outrigger CRDs there (kubectl apply -f crds/), and bind the token's ServiceAccount to the ClusterRole outrigger-peer-reader (outrigger peer add)"
         ),
         misconfigured: true,
     })
@@ -398,6 +399,9 @@ pub struct Me {
 pub struct Peers {
     pub me: Me,
     links: Mutex<BTreeMap<String, Arc<Link>>>,
+    /// Links made from a changed Secret, each waiting for its first answer before
+    /// it replaces the serving link of its peer.
+    successors: Mutex<BTreeMap<String, Arc<Link>>>,
     /// PeerClusters that existed at start and have not been linked (or found
     /// unusable) yet: until then no plan is made, or it would leave them out.
     pending: Mutex<std::collections::BTreeSet<String>>,
@@ -410,6 +414,7 @@ impl Peers {
         Peers {
             me,
             links: Mutex::default(),
+            successors: Mutex::default(),
             pending: Mutex::default(),
             changed: watch::channel(0).0,
             clock,
@@ -479,6 +484,7 @@ impl Peers {
 
     /// Drops the link to `name` (its PeerCluster is gone or cannot be used).
     pub fn drop_link(&self, name: &str) {
+        self.successors().remove(name);
         let removed = self
             .links
             .lock()
@@ -493,6 +499,8 @@ impl Peers {
     /// Starts (or keeps, when `fingerprint` is the same) the link to `peer`,
     /// through `client`. `contact` carries the lost and back times of a link
     /// before this one (from the PeerCluster's status), so a restart keeps them.
+    /// While a serving link is replaced, it is the one returned until its
+    /// successor has answered.
     pub fn ensure(
         self: &Arc<Self>,
         peer: &PeerCluster,
@@ -502,10 +510,74 @@ impl Peers {
         contact: Contact,
     ) -> Arc<Link> {
         let name = peer.name_any();
-        if let Some(link) = self.link(&name).filter(|l| l.fingerprint == fingerprint) {
-            return link;
+        let current = self.link(&name);
+        if let Some(link) = current.as_ref().filter(|l| l.fingerprint == fingerprint) {
+            self.successors().remove(&name);
+            return link.clone();
         }
-        let managed = format!("{}={}", labels::MANAGED_BY, labels::MANAGER);
+        // A link that serves keeps serving while its successor (new credentials:
+        // a rotated token, say) connects; the successor takes over once it has an
+        // answer, good or bad, so planning never waits on a change of Secret.
+        if let Some(old) = current.filter(|l| l.standing() == Standing::Serving) {
+            let known = self
+                .successors()
+                .get(&name)
+                .filter(|s| s.fingerprint == fingerprint)
+                .cloned();
+            let successor = known.unwrap_or_else(|| {
+                let carried = old.contact();
+                let successor = self.start(
+                    peer,
+                    client,
+                    server,
+                    fingerprint,
+                    Contact {
+                        lost_since: carried.lost_since,
+                        back_since: carried.back_since,
+                        skew: carried.skew,
+                        lease: carried.lease,
+                        ..Contact::default()
+                    },
+                );
+                self.successors().insert(name.clone(), successor.clone());
+                successor
+            });
+            let answer = successor.contact();
+            if !(successor.synced() && answer.last_seen.is_some()) && answer.problem.is_none() {
+                return old;
+            }
+            self.successors().remove(&name);
+            tracing::info!(peer = %name, "the link made from the changed Secret answers; it replaces the one before");
+            self.install(&name, successor.clone());
+            return successor;
+        }
+        let link = self.start(peer, client, server, fingerprint, contact);
+        self.install(&name, link.clone());
+        link
+    }
+
+    fn successors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Link>>> {
+        self.successors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn install(&self, name: &str, link: Arc<Link>) {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), link);
+        self.poke();
+    }
+
+    /// A new link to `peer` with its mirrors and probe running, not yet used.
+    fn start(
+        self: &Arc<Self>,
+        peer: &PeerCluster,
+        client: Client,
+        server: String,
+        fingerprint: u64,
+        contact: Contact,
+    ) -> Arc<Link> {
+        let name = peer.name_any();
         let poke = self.changed.clone();
         // Bumped when the peer answers after a failed probe: every mirror starts a
         // new watch then.
@@ -530,17 +602,6 @@ impl Peers {
                     watcher::Config::default(),
                     trim::pool,
                     Notify::Fingerprint(poke.clone(), published_copy),
-                    None,
-                    Some(rewatched.clone()),
-                ),
-            ),
-            children: keep(
-                &mut tasks,
-                mirror_task(
-                    Api::<Deployment>::all(client.clone()),
-                    watcher::Config::default().labels(&managed),
-                    trim::deployment,
-                    Notify::Fingerprint(poke.clone(), published_child),
                     None,
                     Some(rewatched.clone()),
                 ),
@@ -578,7 +639,6 @@ impl Peers {
                 tokio::spawn(async move {
                     let _ = remote.pools.wait_until_ready().await;
                     let _ = remote.copies.wait_until_ready().await;
-                    let _ = remote.children.wait_until_ready().await;
                     let _ = remote.peers.wait_until_ready().await;
                     let _ = remote.lease.wait_until_ready().await;
                     synced.store(true, Ordering::Release);
@@ -608,9 +668,11 @@ impl Peers {
                         let before = contact.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         let mut probed = probe(&client, &peers, &name, &namespace, &before).await;
                         let answered = matches!(probed.probe, Probe::Answered { .. });
+                        let mut restarted = false;
                         if answered && failing {
                             tracing::info!(peer = %name, "the peer answers again; its mirrors watch anew");
                             rewatch.send_modify(|n| *n += 1);
+                            restarted = true;
                         }
                         failing = !answered;
                         let now = (peers.clock)();
@@ -631,7 +693,6 @@ impl Peers {
                         } else {
                             Freshness::Fresh
                         };
-                        let mut restarted = false;
                         match fresh {
                             Freshness::Fresh => {}
                             Freshness::Restart => {
@@ -720,11 +781,6 @@ impl Peers {
             tasks,
         });
         tracing::info!(peer = %name, server = %link.server, "linked to a peer");
-        self.links
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name, link.clone());
-        self.poke();
         link
     }
 }
@@ -991,16 +1047,34 @@ fn published_pool(pool: &GpuNodePool) -> u64 {
 
 fn published_copy(copy: &DeserializeGuard<ModelDeployment>) -> u64 {
     match &copy.0 {
-        Ok(md) => hash_json(&(&md.spec, md.metadata.deletion_timestamp.is_some())),
+        Ok(md) => hash_json(&(
+            &md.spec,
+            md.metadata.deletion_timestamp.is_some(),
+            md.status.as_ref().map(|s| &s.children),
+        )),
         Err(invalid) => hash_json(&invalid.error),
     }
 }
 
-fn published_child(child: &Deployment) -> u64 {
-    hash_json(&(
-        child.spec.replicas,
-        child.status.as_ref().and_then(|s| s.ready_replicas),
-    ))
+/// The children a copy's status says its cluster runs.
+fn published_children(md: &ModelDeployment) -> impl Iterator<Item = Child> + '_ {
+    let owner = (
+        md.metadata.namespace.clone().unwrap_or_default(),
+        md.metadata.name.clone().unwrap_or_default(),
+    );
+    md.status
+        .iter()
+        .flat_map(|s| &s.children)
+        .map(move |c| Child {
+            owner: owner.clone(),
+            pool: c.pool.clone(),
+            name: format!("{}-{}", owner.1, c.pool),
+            replicas: c.replicas,
+            ready: c.ready_replicas,
+            gpus: c.gpus_per_replica,
+            scheduled: c.ready_replicas,
+            applied_hash: None,
+        })
 }
 
 fn published_peer(peer: &PeerCluster) -> u64 {

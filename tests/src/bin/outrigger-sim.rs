@@ -177,8 +177,9 @@ enum FaultAction {
     Partition {
         a: String,
         b: String,
-        /// refuse: connections are refused and reset; blackhole: accepted, never answered.
-        #[arg(long, default_value = "refuse", value_parser = ["refuse", "blackhole"])]
+        /// refuse: connections are refused and reset; blackhole: accepted, never
+        /// answered; stall: open ones held unanswered, new ones forwarded.
+        #[arg(long, default_value = "refuse", value_parser = ["refuse", "blackhole", "stall"])]
         mode: String,
     },
     /// Open the peer links again: between A and B, of A, or all.

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use outrigger_crds::{ModelDeployment, ModelDeploymentStatus, condition};
+use outrigger_crds::{ChildStatus, ModelDeployment, ModelDeploymentStatus, condition};
 use outrigger_placement as placement;
 
 use crate::controller::apply::{applied_hash, without_nulls};
@@ -209,7 +209,8 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
             )
         })
         .collect();
-    let desired = status::desired(md, plan, &applied, pools, in_sync, now);
+    let mut desired = status::desired(md, plan, &applied, pools, in_sync, now);
+    desired.children = published_children(inventory, key);
     let (notes, failover) = announce(
         md,
         plan,
@@ -274,6 +275,23 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         replicas,
         requeue,
     }
+}
+
+/// This cluster's children of the deployment as its peers read them, by pool.
+fn published_children(inventory: &Inventory, key: &Key) -> Vec<ChildStatus> {
+    let mut children: Vec<ChildStatus> = inventory
+        .children
+        .iter()
+        .filter(|c| &c.owner == key)
+        .map(|c| ChildStatus {
+            pool: c.pool.clone(),
+            replicas: c.replicas,
+            ready_replicas: c.ready,
+            gpus_per_replica: c.gpus,
+        })
+        .collect();
+    children.sort_by(|a, b| a.pool.cmp(&b.pool));
+    children
 }
 
 fn same_status(current: Option<&ModelDeploymentStatus>, desired: &ModelDeploymentStatus) -> bool {

@@ -125,7 +125,13 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
         .get_or_create(&labels)
         .set(i64::from(reachable));
     if let Ok(link) = &link {
-        let seen = link.contact().last_seen.unwrap_or(link.started);
+        let contact = link.contact();
+        ctx.shared
+            .metrics
+            .peer_watch_restarts
+            .get_or_create(&labels)
+            .set(i64::from(contact.watch_restarts));
+        let seen = contact.last_seen.unwrap_or(link.started);
         ctx.shared
             .metrics
             .peer_last_seen_seconds
