@@ -35,9 +35,10 @@ e2e: tools
 	hack/e2e --test cluster_smoke --test operator --test leader --test cloud --test lifecycle
 
 ## e2e-peers: two fresh local clusters side by side (hack/peers: aws and azure, one
-## pair of simulators), the several-clusters tests, then down
+## pair of simulators), the several-clusters tests (peers, and the peer boundary:
+## peer_trust), then down
 e2e-peers: tools
-	hack/e2e-peers --test peers_smoke --test peers
+	hack/e2e-peers --test peers_smoke --test peers --test peer_trust
 
 ## chart-check: helm lint --strict, helm template | kubeconform -strict (schemas from the
 ## API server and the CRDs), helm install into a restricted namespace (own cluster)

@@ -101,6 +101,7 @@ build_go_tool() {
     fi
     local t0=$SECONDS buildlog="$PREFIX/logs/$name.log"
     mkdir -p "$PREFIX/logs"
+    download_modules "$dir" "$name"
     # `go build` prints a "go: downloading" line per module: those go to the log,
     # and the terminal gets one line per tool. A failure shows the log's tail.
     if ! nice -n 10 "$GO_BIN" build -C "$HERE/$dir" -trimpath -ldflags="-s -w $extra" \
@@ -110,6 +111,35 @@ build_go_tool() {
     fi
     mv -f "$BIN/.$name.partial" "$BIN/$name"
     log "$name: built in $((SECONDS - t0)) s (go build $pkg, log $buildlog)"
+}
+
+# The module proxy sometimes answers 503 for a while: a tool's modules are
+# downloaded first, and a failed download is tried again three times, after 5, 10
+# and 20 s, before the install fails naming the module.
+DOWNLOAD_TRIES=4
+download_modules() {
+    # download_modules <module dir> <binary name>
+    local dir="$1" name="$2" try pause
+    local dllog="$PREFIX/logs/$name.download.log"
+    for ((try = 1; try <= DOWNLOAD_TRIES; try++)); do
+        if (cd "$HERE/$dir" && nice -n 10 "$GO_BIN" mod download) >"$dllog" 2>&1; then
+            return 0
+        fi
+        ((try == DOWNLOAD_TRIES)) && break
+        pause=$((5 * 2 ** (try - 1)))
+        log "$name: downloading $(failed_module "$dllog") failed (try $try of $DOWNLOAD_TRIES); trying again in $pause s"
+        sleep "$pause"
+    done
+    tail -n 20 "$dllog" >&2
+    die "$name: downloading $(failed_module "$dllog") for hack/tools/$dir failed $DOWNLOAD_TRIES times; full log: $dllog"
+}
+
+# The module a failed `go mod download` names first in its errors (path@version).
+failed_module() {
+    local named
+    named="$(grep -v 'go: downloading' "$1" |
+        grep -oE '[a-zA-Z0-9._~-]+(\.[a-zA-Z0-9._~-]+)+(/[^ :@]+)*@v[^ :]+' | head -n 1)"
+    echo "${named:-a module (see the log)}"
 }
 
 module_version() {

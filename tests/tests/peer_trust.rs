@@ -14,7 +14,8 @@
 //!   short token gives `TokenExpiring` while it still works; `peer rotate` renews
 //!   the tokens in place with the split untouched;
 //! - stalled watches (a proxy holding long requests) while the probe answers are
-//!   started anew, and the facts flow again.
+//!   started anew, and the facts flow again;
+//! - `peer remove` revokes the removed peer's tokens: its kubeconfig is refused.
 //!
 //! Runs only with `OUTRIGGER_PEERS_E2E=1` and the environment of `hack/e2e-peers`;
 //! otherwise it says why and passes. Everything it creates has a name of its own
@@ -75,6 +76,7 @@ async fn steps(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {
     a_peers_bad_facts_are_bounded_and_its_clock_does_not_count(run, operators).await;
     tokens_expire_and_rotate_in_place(run).await;
     stalled_watches_are_started_anew(run, operators).await;
+    removing_the_peer_revokes_its_tokens(run).await;
 }
 
 /// 3 Ready in aws and 2 in azure, as placed at set-up.
@@ -597,4 +599,75 @@ async fn operators_metric(
     name: &str,
 ) -> f64 {
     operators[cluster].metric(name).await.unwrap_or(0.0)
+}
+
+/// `peer remove` deletes each side's reader ServiceAccount for the other: the
+/// kubeconfigs they read each other with are refused from then on, and the reader
+/// roles other peers are bound to stay.
+async fn removing_the_peer_revokes_its_tokens(run: &Run) {
+    let texts = [
+        ("aws", "azure", peer_kubeconfig(&run.aws, "azure").await),
+        ("azure", "aws", peer_kubeconfig(&run.azure, "aws").await),
+    ];
+    for (_, peer, text) in &texts {
+        assert_eq!(
+            reads_pools(text).await,
+            Ok(()),
+            "{peer}'s reader reads before the removal"
+        );
+    }
+    let azure_kubeconfig = outrigger_tests::peers::kubeconfig("azure");
+    let said = outrigger(
+        "aws",
+        &[
+            "peer",
+            "remove",
+            "azure",
+            "--kubeconfig",
+            azure_kubeconfig.to_str().unwrap(),
+            "--cluster-name",
+            "aws",
+            "--namespace",
+            NAMESPACE,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("outrigger peer remove: {e}"));
+    println!("{said}");
+    for (at, peer, text) in &texts {
+        let refused = eventually(
+            &format!("the token {at} read {peer} with to be revoked"),
+            DEADLINE,
+            // 403 while only its bindings are gone; 401 once its ServiceAccount is.
+            || async {
+                reads_pools(text)
+                    .await
+                    .err()
+                    .filter(|e| e.starts_with("HTTP 401"))
+            },
+        )
+        .await;
+        println!("after peer remove, {at}'s old token for {peer}: {refused}");
+        let roles = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(run.kube(peer).clone())
+            .get_opt("outrigger-peer-reader")
+            .await
+            .expect("read the reader ClusterRole");
+        assert!(roles.is_some(), "the shared reader roles stay in {peer}");
+    }
+}
+
+/// Lists GpuNodePools with a peer kubeconfig: `Err` with the HTTP status when refused.
+async fn reads_pools(text: &str) -> Result<(), String> {
+    let file = kube::config::Kubeconfig::from_yaml(text).expect("a kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
+        .await
+        .expect("a client config");
+    let client = Client::try_from(config).expect("a client");
+    match Api::<GpuNodePool>::all(client)
+        .list(&Default::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) => Err(format!("HTTP {} {}", status.code, status.reason)),
+        Err(e) => panic!("listing pools with a peer kubeconfig: {e}"),
+    }
 }
