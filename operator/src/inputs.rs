@@ -1,4 +1,4 @@
-//! Resources turned into the solver's plain inputs (DESIGN.md: cloud -> pool status ->
+//! Resources turned into the solver's plain inputs (docs/architecture.md: cloud -> pool status ->
 //! inventory -> solver). The operator passes the nodes its inventory sees; `outrigger
 //! plan` passes the counts a pool's status reports.
 

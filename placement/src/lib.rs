@@ -1,5 +1,5 @@
 //! Outrigger's placement solver: plain data in, an optimal plan and its explanation
-//! out. No Kubernetes, no async, no I/O (DESIGN.md, "Placement semantics").
+//! out. No Kubernetes, no async, no I/O (docs/placement.md, "The contract").
 //!
 //! [`solve`] returns the plan that is best for the lexicographic objective: most
 //! replicas placed (for ScheduleAnyway, then fewest replicas above `maxShare` caps

@@ -134,7 +134,7 @@ impl Pool {
             .sum()
     }
 
-    /// Capacity in replicas (DESIGN.md, placement semantics 2).
+    /// Capacity in replicas (docs/placement.md, the contract, rule 2).
     pub fn capacity(&self, gpus: u32) -> u32 {
         let growth = u64::from(self.node_limit() - self.existing_nodes())
             * u64::from(self.slots_per_node(gpus));

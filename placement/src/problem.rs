@@ -249,7 +249,7 @@ fn eligibility(request: &Request, pool: &Pool) -> Result<(), String> {
     }
 }
 
-/// What keeps a pool from taking a deployment (DESIGN.md, placement semantics 1).
+/// What keeps a pool from taking a deployment (docs/placement.md, the contract, rule 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Ineligible {
     Provider,

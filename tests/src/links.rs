@@ -282,7 +282,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_link_forwards_refuses_blackholes_and_heals() {
+    async fn a_link_forwards_refuses_blackholes_stalls_and_heals() {
         let target = echo().await;
         let listen = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -341,29 +341,13 @@ mod tests {
         );
         assert_eq!(round_trip(listen).await.unwrap(), b"ping");
         assert!(links.states().iter().all(|l| l.mode == LinkMode::Open));
-        tasks.shutdown().await;
-    }
 
-    #[tokio::test]
-    async fn a_stalled_link_holds_open_connections_and_forwards_new_ones() {
-        let target = echo().await;
-        let listen = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        let mut tasks = JoinSet::new();
-        let spec = LinkSpec {
-            from: "aws".into(),
-            to: "azure".into(),
-            listen,
-            target,
-        };
-        let links = Links::start(vec![spec], &mut tasks).await.unwrap();
+        // A stall: the connection open then is held unanswered, new ones pass.
+        // (In this test, not one of its own: while a link refuses, its port is
+        // free, and a test binding port 0 beside it could take it.)
         let mut open = TcpStream::connect(listen).await.unwrap();
-        let mut buf = [0u8; 4];
         open.write_all(b"ping").await.unwrap();
         open.read_exact(&mut buf).await.unwrap();
-
         links.set(None, None, LinkMode::Stall);
         open.write_all(b"ping").await.unwrap();
         assert!(
@@ -380,7 +364,6 @@ mod tests {
         let mut during = TcpStream::connect(listen).await.unwrap();
         during.write_all(b"ping").await.unwrap();
         during.read_exact(&mut buf).await.unwrap();
-
         links.set(None, None, LinkMode::Open);
         let read = open.read(&mut buf).await;
         assert!(
