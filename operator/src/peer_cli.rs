@@ -88,7 +88,8 @@ struct Target {
 struct TokenArgs {
     /// How long each reader token lives: seconds, or a number with s, m, h or d
     /// (10m to 366d). The PeerCluster shows its expiry (status.tokenExpiresAt) and
-    /// sets TokenExpiring 7 days before; renew with `outrigger peer rotate`.
+    /// sets TokenExpiring 7 days before (at once for a shorter lifetime); renew
+    /// with `outrigger peer rotate`.
     #[arg(long, default_value = DEFAULT_TOKEN_TTL, value_parser = token_ttl)]
     token_ttl: Duration,
 }
@@ -189,7 +190,8 @@ pub enum PeerError {
     },
 }
 
-/// One cluster: its name, a client, and how a peer reaches it (server, inline CA).
+/// One cluster: its name, a client, and its cluster entry in your kubeconfig
+/// (what `for_peer` makes a peer's from).
 struct Side {
     name: String,
     client: Client,
@@ -231,12 +233,11 @@ fn check_names(target: &Target) -> Result<(), PeerError> {
 }
 
 /// A side from a kubeconfig file (its context) or, without one, the default
-/// kubeconfig's current context; `ca_file` gives its API server's CA.
+/// kubeconfig's current context.
 async fn side(
     name: &str,
     file: Option<&std::path::Path>,
     context: Option<&str>,
-    ca_file: Option<&std::path::Path>,
 ) -> Result<Side, PeerError> {
     let what = file.map_or("the current kubeconfig".to_string(), |f| {
         format!("kubeconfig {}", f.display())
@@ -264,7 +265,6 @@ async fn side(
         .find(|c| c.name == cluster_name)
         .and_then(|c| c.cluster.clone())
         .ok_or_else(|| config_err(format!("has no cluster {cluster_name:?}")))?;
-    let cluster = for_peer(&yours, ca_file, file.is_some()).map_err(config_err)?;
     let options = KubeConfigOptions {
         context: Some(context_name),
         ..KubeConfigOptions::default()
@@ -276,7 +276,7 @@ async fn side(
     Ok(Side {
         name: name.to_string(),
         client,
-        cluster,
+        cluster: yours,
     })
 }
 
@@ -620,7 +620,12 @@ fn with_token(text: &str, token: &str) -> Result<String, String> {
         .first_mut()
         .and_then(|u| u.auth_info.as_mut())
         .ok_or("it has no user")?;
-    user.token = Some(token.to_string().into());
+    // The token replaces whatever the user held: a client certificate would
+    // otherwise go on naming the user.
+    *user = kube::config::AuthInfo {
+        token: Some(token.to_string().into()),
+        ..kube::config::AuthInfo::default()
+    };
     let text = serde_saphyr::to_string(&file).map_err(|e| e.to_string())?;
     admit(&text)?;
     Ok(text)
@@ -697,14 +702,31 @@ async fn register(
 async fn add(args: &AddArgs) -> Result<String, PeerError> {
     let target = &args.target;
     check_names(target)?;
-    let here = side(&target.cluster_name, None, None, args.ca_file.as_deref()).await?;
+    let here = side(&target.cluster_name, None, None).await?;
     let there = side(
         &target.name,
         Some(&target.kubeconfig),
         target.context.as_deref(),
-        args.peer_ca_file.as_deref(),
     )
     .await?;
+    let config_err = |what: &str, e: String| PeerError::Config(format!("{what}: {e}"));
+    let here_cluster = for_peer(&here.cluster, args.ca_file.as_deref(), false)
+        .map_err(|e| config_err("the current kubeconfig", e))?;
+    let there_cluster = for_peer(&there.cluster, args.peer_ca_file.as_deref(), true)
+        .map_err(|e| config_err(&format!("kubeconfig {}", target.kubeconfig.display()), e))?;
+    // Both kubeconfigs are checked as the operators will check them before
+    // anything is written, so a bad server or CA leaves both clusters as they were.
+    for (at, of, cluster, server) in [
+        (&here, &there, &there_cluster, args.peer_server.as_deref()),
+        (&there, &here, &here_cluster, args.server.as_deref()),
+    ] {
+        admit(&kubeconfig_for(&of.name, cluster, server, "token")).map_err(|e| {
+            PeerError::Config(format!(
+                "the kubeconfig for cluster {} would be refused by the operator in {}: {e}",
+                of.name, at.name
+            ))
+        })?;
+    }
     let namespace = target.namespace.as_str();
     let ttl = args.token.token_ttl;
     // In each cluster, the reader the other reads it with.
@@ -715,7 +737,7 @@ async fn add(args: &AddArgs) -> Result<String, PeerError> {
         &there.name,
         kubeconfig_for(
             &there.name,
-            &there.cluster,
+            &there_cluster,
             args.peer_server.as_deref(),
             &there_token.token,
         ),
@@ -727,7 +749,7 @@ async fn add(args: &AddArgs) -> Result<String, PeerError> {
         &here.name,
         kubeconfig_for(
             &here.name,
-            &here.cluster,
+            &here_cluster,
             args.server.as_deref(),
             &here_token.token,
         ),
@@ -781,12 +803,11 @@ async fn stored(at: &Side, of: &str, target: &Target) -> Result<String, PeerErro
 async fn rotate(args: &RotateArgs) -> Result<String, PeerError> {
     let target = &args.target;
     check_names(target)?;
-    let here = side(&target.cluster_name, None, None, None).await?;
+    let here = side(&target.cluster_name, None, None).await?;
     let there = side(
         &target.name,
         Some(&target.kubeconfig),
         target.context.as_deref(),
-        None,
     )
     .await?;
     let namespace = target.namespace.as_str();
@@ -820,12 +841,11 @@ async fn rotate(args: &RotateArgs) -> Result<String, PeerError> {
 async fn remove(args: &RemoveArgs) -> Result<String, PeerError> {
     let target = &args.target;
     check_names(target)?;
-    let here = side(&target.cluster_name, None, None, None).await?;
+    let here = side(&target.cluster_name, None, None).await?;
     let there = side(
         &target.name,
         Some(&target.kubeconfig),
         target.context.as_deref(),
-        None,
     )
     .await?;
     let namespace = target.namespace.as_str();

@@ -52,6 +52,12 @@ pub struct GlobalView {
     pub pools: BTreeMap<String, PoolRef>,
 }
 
+/// `t + d`, or the last instant there is: a time a peer published may be anywhere
+/// up to the year 9999, and a sum past it must not panic.
+fn later(t: Timestamp, d: SignedDuration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
 /// Ready nodes whose free GPUs are only `own` (packed node by node): a pool that
 /// keeps what the deployment has Ready there and takes nothing new.
 fn holding(gpus_per_node: u32, ready: u32, mut own: u32) -> Vec<placement::Node> {
@@ -129,21 +135,23 @@ pub fn view(
             let recovering_until = [
                 status
                     .and_then(|s| s.recovered_at.as_ref())
-                    .map(|t| t.0 + rebalance),
-                cluster.back_since.map(|t| t + rebalance),
-                cluster.held.then(|| now + rebalance),
+                    .map(|t| later(t.0, rebalance)),
+                cluster.back_since.map(|t| later(t, rebalance)),
+                cluster.held.then(|| later(now, rebalance)),
             ]
             .into_iter()
             .flatten()
             .filter(|until| *until > now)
             .max();
             let health = match (lost, recovering_until) {
-                (Some(since), _) if since + grace <= now => Health::Unhealthy { lost_since: since },
+                (Some(since), _) if later(since, grace) <= now => {
+                    Health::Unhealthy { lost_since: since }
+                }
                 (_, Some(until)) => Health::Recovering { until },
                 _ => Health::Healthy,
             };
             if let Some(since) = lost {
-                soonest(since + grace);
+                soonest(later(since, grace));
             }
             if let Some(until) = recovering_until {
                 soonest(until);
@@ -292,6 +300,21 @@ mod tests {
             format!("{:?}", again.view.pools),
             format!("{:?}", v.view.pools)
         );
+    }
+
+    #[test]
+    fn times_at_the_end_of_the_calendar_do_not_panic() {
+        let key = ("ns".to_string(), "md".to_string());
+        let mut cs = clusters();
+        let mut p = (*cs[1].pools[0]).clone();
+        p.status.as_mut().unwrap().lost_since = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::MAX),
+        );
+        p.status.as_mut().unwrap().recovered_at = p.status.as_ref().unwrap().lost_since.clone();
+        cs[1].pools[0] = Arc::new(p);
+        cs[0].back_since = Some(Timestamp::MAX);
+        let v = view(&cs, &key, D, D, at(0));
+        assert!(v.view.pools[1].healthy, "lost only from the end of time on");
     }
 
     #[test]

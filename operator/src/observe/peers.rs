@@ -122,7 +122,11 @@ pub fn lease_after(
                 t.min(now)
             }),
     };
-    let live = read.held && changed_at + read.duration >= now;
+    let live = read.held
+        && changed_at
+            .checked_add(read.duration)
+            .unwrap_or(Timestamp::MAX)
+            >= now;
     (
         LeaseSeen {
             version: read.version.clone(),
@@ -148,7 +152,10 @@ pub fn skew_after(
 ) -> SignedDuration {
     let midpoint = sent + (received.duration_since(sent) / 2);
     // Date truncates to the second: the peer's time was half a second later on average.
-    let measured = (date + SignedDuration::from_millis(500)).duration_since(midpoint);
+    let measured = date
+        .checked_add(SignedDuration::from_millis(500))
+        .unwrap_or(date)
+        .duration_since(midpoint);
     let measured = SignedDuration::from_secs(
         measured
             .round(k8s_openapi::jiff::Unit::Second)
@@ -518,6 +525,7 @@ impl Peers {
         // A link that serves keeps serving while its successor (new credentials:
         // a rotated token, say) connects; the successor takes over once it has an
         // answer, good or bad, so planning never waits on a change of Secret.
+        let limit = SignedDuration::from_secs(i64::from(peer.spec.unreachable_after_seconds));
         if let Some(old) = current.filter(|l| l.standing() == Standing::Serving) {
             let known = self
                 .successors()
@@ -542,8 +550,14 @@ impl Peers {
                 self.successors().insert(name.clone(), successor.clone());
                 successor
             });
+            // It takes over when it works, when it cannot work (a refused token,
+            // say), or once it has had as long as a silent peer gets; a passing
+            // failure of its first probe does not make it take over.
             let answer = successor.contact();
-            if !(successor.synced() && answer.last_seen.is_some()) && answer.problem.is_none() {
+            let works = successor.synced() && answer.last_seen.is_some();
+            let cannot = answer.problem.as_ref().is_some_and(|p| p.misconfigured);
+            let waited = successor.started + limit <= (self.clock)();
+            if !(works || cannot || waited) {
                 return old;
             }
             self.successors().remove(&name);
@@ -551,7 +565,14 @@ impl Peers {
             self.install(&name, successor.clone());
             return successor;
         }
-        let link = self.start(peer, client, server, fingerprint, contact);
+        // A successor already made for this Secret takes over at once once the link
+        // it was to replace no longer serves.
+        let pending = self
+            .successors()
+            .remove(&name)
+            .filter(|s| s.fingerprint == fingerprint);
+        let link =
+            pending.unwrap_or_else(|| self.start(peer, client, server, fingerprint, contact));
         self.install(&name, link.clone());
         link
     }

@@ -2,7 +2,8 @@
 //! peer's pool that fails the checks a local one passes (`validate::gpu_node_pool`)
 //! is left out; every count is clamped to the pool's own `nodes.max`, itself at
 //! most [`MAX_POOL_NODES`]; a child's Ready replicas count only up to what its
-//! pool's Ready nodes hold; and every time the peer wrote is moved onto this
+//! pool's Ready nodes hold; the nodes of all its pools together count for at most
+//! [`MAX_CLUSTER_NODES`]; and every time the peer wrote is moved onto this
 //! cluster's clock by the measured skew. Pure.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,9 @@ use super::inventory::Child;
 /// Kubernetes' tested limit of 5 000 nodes a cluster, so no real pool is cut, and
 /// small enough that the per-node lists a plan builds stay a few hundred KiB.
 pub const MAX_POOL_NODES: u32 = 5_000;
+/// The most nodes all of a peer's pools count for together: one cluster's worth,
+/// as above; given out to its pools in name order, so every peer counts alike.
+pub const MAX_CLUSTER_NODES: u32 = 5_000;
 /// The most GPUs a peer's node may have: the largest GPU servers have 8 to 16,
 /// a rack-scale node a few more; a higher number is a mistake, not a machine.
 pub const MAX_GPUS_PER_NODE: u32 = 64;
@@ -41,8 +45,11 @@ pub struct Facts {
 /// `skew` later than the same instant here.
 pub fn facts(pools: &[Arc<GpuNodePool>], children: &[Child], skew: SignedDuration) -> Facts {
     let mut out = Facts::default();
-    for published in pools {
-        match pool(published, skew) {
+    let mut ordered: Vec<&Arc<GpuNodePool>> = pools.iter().collect();
+    ordered.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut nodes_left = MAX_CLUSTER_NODES;
+    for published in ordered {
+        match pool(published, skew, &mut nodes_left) {
             Ok(pool) => out.pools.push(Arc::new(pool)),
             Err(problem) => out.rejected.push(Rejected {
                 pool: published.metadata.name.clone().unwrap_or_default(),
@@ -57,8 +64,13 @@ pub fn facts(pools: &[Arc<GpuNodePool>], children: &[Child], skew: SignedDuratio
     out
 }
 
-/// One pool, checked, clamped and on the local clock.
-fn pool(published: &GpuNodePool, skew: SignedDuration) -> Result<GpuNodePool, String> {
+/// One pool, checked, clamped (its nodes also to what is `nodes_left` of the
+/// cluster's, which it then takes) and on the local clock.
+fn pool(
+    published: &GpuNodePool,
+    skew: SignedDuration,
+    nodes_left: &mut u32,
+) -> Result<GpuNodePool, String> {
     let errors = crate::validate::gpu_node_pool(&published.spec);
     if !errors.is_empty() {
         let said: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -77,7 +89,8 @@ fn pool(published: &GpuNodePool, skew: SignedDuration) -> Result<GpuNodePool, St
     pool.spec.nodes.min = pool.spec.nodes.min.min(max);
     let local = |t: &mut Time| t.0 = t.0.checked_sub(skew).unwrap_or(t.0);
     if let Some(status) = pool.status.as_mut() {
-        let nodes = status.nodes.map(|n| n.min(max));
+        let nodes = status.nodes.map(|n| n.min(max).min(*nodes_left));
+        *nodes_left -= nodes.unwrap_or(0);
         status.nodes = nodes;
         status.ready_nodes = status.ready_nodes.map(|r| r.min(nodes.unwrap_or(0)));
         status.desired_nodes = status.desired_nodes.map(|n| n.min(max));
@@ -199,8 +212,37 @@ mod tests {
         assert_eq!(a.gpus.as_ref().unwrap().requested, 32);
         let b = &f.pools[1];
         assert_eq!(b.spec.nodes.max, MAX_POOL_NODES);
-        assert_eq!(b.status.as_ref().unwrap().nodes, Some(MAX_POOL_NODES));
+        // The cluster's 5 000 nodes, less the 4 pool a took.
+        assert_eq!(
+            b.status.as_ref().unwrap().nodes,
+            Some(MAX_CLUSTER_NODES - 4)
+        );
         assert!(f.rejected.is_empty());
+    }
+
+    #[test]
+    fn all_of_a_peers_pools_together_count_for_one_clusters_nodes() {
+        let many: Vec<Arc<GpuNodePool>> = (0..5)
+            .map(|i| published(&format!("p{i}"), MAX_POOL_NODES, MAX_POOL_NODES, 0))
+            .collect();
+        let f = facts(&many, &[], SignedDuration::ZERO);
+        let nodes: Vec<u32> = f
+            .pools
+            .iter()
+            .map(|p| p.status.as_ref().unwrap().nodes.unwrap())
+            .collect();
+        assert_eq!(nodes, [MAX_CLUSTER_NODES, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_time_at_the_end_of_the_calendar_neither_panics_nor_moves() {
+        let mut p = (*published("p", 4, 1, 1)).clone();
+        p.status.as_mut().unwrap().lost_since = Some(Time(Timestamp::MAX));
+        let f = facts(&[Arc::new(p)], &[], SignedDuration::from_secs(-60));
+        assert_eq!(
+            f.pools[0].status.as_ref().unwrap().lost_since,
+            Some(Time(Timestamp::MAX))
+        );
     }
 
     #[test]

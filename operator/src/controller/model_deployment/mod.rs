@@ -182,7 +182,10 @@ async fn apply(md: &ModelDeployment, ctx: &Ctx) -> Result<Action, Error> {
     };
     // Every replica this cluster knows of, its lost peers' as last seen included:
     // over the spec for long means both sides of a partition serve it all.
-    let running = current.values().sum::<u32>() + lost.iter().map(|l| l.replicas).sum::<u32>();
+    let running = current
+        .values()
+        .chain(lost.iter().map(|l| &l.replicas))
+        .fold(0u32, |sum, n| sum.saturating_add(*n));
     shared.metrics.set_over_spec(
         &name,
         running.saturating_sub(md.spec.replicas.max(0).unsigned_abs()),

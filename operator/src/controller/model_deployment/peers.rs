@@ -10,6 +10,7 @@ use outrigger_crds::ModelDeployment;
 use crate::observe::global::{self, Cluster, GlobalView};
 use crate::observe::inventory::{Inventory, Key};
 use crate::observe::peers::{Peers, Standing};
+use crate::observe::published;
 
 /// On a copy served with peers: it hands its share over before its replicas go.
 pub const FINALIZER: &str = "outrigger.dev/peers";
@@ -104,10 +105,17 @@ pub fn observe(
     }
     let me = &peers.me.name;
     let spec = serde_json::to_value(&md.spec).ok();
+    // This cluster's own facts go through the same bounds its peers apply to
+    // them, so every peer builds the same view from the same facts.
+    let own = published::facts(
+        &inventory.pools,
+        &inventory.children,
+        k8s_openapi::jiff::SignedDuration::ZERO,
+    );
     let mut local = Cluster {
         name: me.clone(),
-        pools: inventory.pools.clone(),
-        children: inventory.children.clone(),
+        pools: own.pools,
+        children: own.children,
         back_since: None,
         held: false,
     };

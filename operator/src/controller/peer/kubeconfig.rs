@@ -177,15 +177,14 @@ pub fn admit(text: &str) -> Result<(), Refusal> {
             ),
         ));
     }
-    if let Some(current) = top.get("current-context").and_then(Value::as_str)
-        && !current.is_empty()
-        && current != context
-    {
+    let current = top
+        .get("current-context")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if current != context {
         return Err(refuse(
             "current-context",
-            format!(
-                "is {current:?}, but the one context is named {context:?}: name it, or leave it out"
-            ),
+            format!("is {current:?}, but the one context is named {context:?}: name it"),
         ));
     }
     Ok(())
@@ -437,6 +436,22 @@ current-context: azure
             assert_eq!(refusal.field, field, "{text}");
             assert!(refusal.why.contains(says), "{refusal}");
         }
+    }
+
+    #[test]
+    fn the_one_context_must_be_the_current_one() {
+        assert_eq!(
+            refused(&with("current-context: azure\n", "")).field,
+            "current-context"
+        );
+        assert_eq!(
+            refused(&with(
+                "current-context: azure\n",
+                "current-context: other\n"
+            ))
+            .field,
+            "current-context"
+        );
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub struct Ctx {
 pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let _timer = ctx.shared.metrics.reconcile_timer(CONTROLLER);
     let name = peer.name_any();
+    // Some(expiry) once the Secret's kubeconfig was read: the expiry it says, if any.
     let mut token_expires = None;
     let link = if ctx.peers.me.name.is_empty() {
         Err(problem(
@@ -68,7 +69,7 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
     } else {
         match connect(&peer, &ctx).await {
             Ok(connected) => {
-                token_expires = connected.token_expires;
+                token_expires = Some(connected.token_expires);
                 Ok(ctx.peers.ensure(
                     &peer,
                     connected.client,
@@ -99,7 +100,7 @@ pub async fn reconcile(peer: Arc<PeerCluster>, ctx: Arc<Ctx>) -> Result<Action, 
     let now = ctx.shared.now();
     let mut desired = desired(&peer, &link, &ctx.peers.me.name, now);
     if let Some(expires) = token_expires {
-        desired.token_expires_at = Some(whole_seconds(expires));
+        desired.token_expires_at = expires.map(whole_seconds);
     }
     desired
         .conditions
@@ -275,6 +276,9 @@ async fn connect(peer: &PeerCluster, ctx: &Ctx) -> Result<Connected, Problem> {
     .map_err(|_| invalid(format!("building its client took over {BUILD_TIMEOUT:?}")))?
     .map_err(|e| invalid(e.to_string()))?;
     config.connect_timeout = Some(CONNECT_TIMEOUT);
+    // kube-client takes HTTPS_PROXY from the environment: a peer is reached
+    // directly, as its admitted kubeconfig says, and through nothing else.
+    config.proxy_url = None;
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| invalid(e.to_string()))?;
     let mut hasher = DefaultHasher::new();
