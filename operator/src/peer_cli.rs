@@ -232,20 +232,6 @@ fn check_names(target: &Target) -> Result<(), PeerError> {
     Ok(())
 }
 
-/// This cluster (the current kubeconfig context) and the other (`--kubeconfig`),
-/// once their names are checked.
-async fn sides(target: &Target) -> Result<(Side, Side), PeerError> {
-    check_names(target)?;
-    let here = side(&target.cluster_name, None, None).await?;
-    let there = side(
-        &target.name,
-        Some(&target.kubeconfig),
-        target.context.as_deref(),
-    )
-    .await?;
-    Ok((here, there))
-}
-
 /// A side from a kubeconfig file (its context) or, without one, the default
 /// kubeconfig's current context.
 async fn side(
@@ -715,7 +701,14 @@ async fn register(
 
 async fn add(args: &AddArgs) -> Result<String, PeerError> {
     let target = &args.target;
-    let (here, there) = sides(target).await?;
+    check_names(target)?;
+    let here = side(&target.cluster_name, None, None).await?;
+    let there = side(
+        &target.name,
+        Some(&target.kubeconfig),
+        target.context.as_deref(),
+    )
+    .await?;
     let config_err = |what: &str, e: String| PeerError::Config(format!("{what}: {e}"));
     let here_cluster = for_peer(&here.cluster, args.ca_file.as_deref(), false)
         .map_err(|e| config_err("the current kubeconfig", e))?;
@@ -809,7 +802,14 @@ async fn stored(at: &Side, of: &str, target: &Target) -> Result<String, PeerErro
 
 async fn rotate(args: &RotateArgs) -> Result<String, PeerError> {
     let target = &args.target;
-    let (here, there) = sides(target).await?;
+    check_names(target)?;
+    let here = side(&target.cluster_name, None, None).await?;
+    let there = side(
+        &target.name,
+        Some(&target.kubeconfig),
+        target.context.as_deref(),
+    )
+    .await?;
     let namespace = target.namespace.as_str();
     let ttl = args.token.token_ttl;
     let mut said = Vec::new();
@@ -840,7 +840,14 @@ async fn rotate(args: &RotateArgs) -> Result<String, PeerError> {
 
 async fn remove(args: &RemoveArgs) -> Result<String, PeerError> {
     let target = &args.target;
-    let (here, there) = sides(target).await?;
+    check_names(target)?;
+    let here = side(&target.cluster_name, None, None).await?;
+    let there = side(
+        &target.name,
+        Some(&target.kubeconfig),
+        target.context.as_deref(),
+    )
+    .await?;
     let namespace = target.namespace.as_str();
     let mut said = Vec::new();
     for (at, of) in [(&here, &there.name), (&there, &here.name)] {

@@ -5,12 +5,9 @@
 //! cluster's share, a PeerCluster's condition) and the clean-up that removes it all.
 
 use std::collections::BTreeMap;
-use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures::FutureExt;
-use futures::future::LocalBoxFuture;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -361,33 +358,17 @@ pub async fn peer_condition(kube: &Client, name: &str, type_: &str, reason: &str
     .await
 }
 
-/// The operators of a pair, by cluster.
-pub type Operators = BTreeMap<&'static str, Operator>;
-
-/// Runs a test's `steps` on a new pair (names of its own), then cleans up
-/// whatever happened, then passes a failure on.
-pub async fn with_pair(
-    steps: impl for<'a> FnOnce(&'a Run, &'a mut Operators) -> LocalBoxFuture<'a, ()>,
-) {
-    let run = Run {
-        suffix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
-        aws: client("aws").await,
-        azure: client("azure").await,
-    };
-    let mut operators = BTreeMap::new();
-    let outcome = AssertUnwindSafe(steps(&run, &mut operators))
-        .catch_unwind()
-        .await;
-    clean_up(&run, operators).await;
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
+pub async fn clean_up(run: &Run, operators: BTreeMap<&'static str, Operator>) {
+    peers(&["fault", "heal"]);
+    if std::process::Command::new(repo_root().join("hack/peers"))
+        .args(["fault", "up", "aws"])
+        .output()
+        .is_err()
+    {
+        eprintln!("could not bring aws up again");
     }
-}
-
-/// `outrigger peer remove azure` from the aws side: both directions undone.
-pub fn peer_remove() -> Result<String, String> {
     let azure_kubeconfig = kubeconfig("azure");
-    outrigger(
+    let _ = outrigger(
         "aws",
         &[
             "peer",
@@ -400,19 +381,7 @@ pub fn peer_remove() -> Result<String, String> {
             "--namespace",
             NAMESPACE,
         ],
-    )
-}
-
-pub async fn clean_up(run: &Run, operators: Operators) {
-    peers(&["fault", "heal"]);
-    if std::process::Command::new(repo_root().join("hack/peers"))
-        .args(["fault", "up", "aws"])
-        .output()
-        .is_err()
-    {
-        eprintln!("could not bring aws up again");
-    }
-    let _ = peer_remove();
+    );
     for cluster in ["aws", "azure"] {
         let kube = run.kube(cluster);
         let _ = Api::<ModelDeployment>::namespaced(kube.clone(), &run.namespace())

@@ -22,6 +22,7 @@
 //! and is removed at the end, also when it fails.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -53,7 +54,19 @@ async fn a_peer_can_hurt_nothing_beyond_its_share() {
     if !requested() {
         return;
     }
-    with_pair(|run, operators| steps(run, operators).boxed_local()).await;
+    let run = Run {
+        suffix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+        aws: client("aws").await,
+        azure: client("azure").await,
+    };
+    let mut operators = BTreeMap::new();
+    let outcome = AssertUnwindSafe(steps(&run, &mut operators))
+        .catch_unwind()
+        .await;
+    clean_up(&run, operators).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 async fn steps(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {
@@ -323,30 +336,6 @@ fn stand_in_for_the_leader(azure: Client, behind: Duration) -> tokio::task::Join
     })
 }
 
-/// A pool of azure's without scaling, of a GPU no deployment here asks for, with
-/// `gpus` a node: it changes no plan, and its facts can be checked.
-fn b200_pool(name: &str, gpus: u32, max: u32) -> serde_json::Value {
-    json!({
-        "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
-        "metadata": {"name": name},
-        "spec": {"provider": "azure", "region": "eastus", "zone": "1",
-                 "instanceType": "Standard_ND96isr_H100_v5",
-                 "gpu": {"type": "B200", "count": gpus}, "nodes": {"min": 0, "max": max}},
-    })
-}
-
-/// Once aws rejects some of azure's pools: its `FactsValid` message.
-async fn azure_facts_rejected(run: &Run) -> String {
-    peer_condition_is(
-        &run.aws,
-        "azure",
-        "FactsValid",
-        "False",
-        "PeerFactsRejected",
-    )
-    .await
-}
-
 /// VmRSS of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -377,7 +366,17 @@ async fn a_peers_bad_facts_are_bounded_and_its_clock_does_not_count(
     let huge = format!("trust-huge-{}", run.suffix);
     let wide = format!("trust-wide-{}", run.suffix);
     for (name, gpus) in [(&huge, 8), (&wide, 100_000)] {
-        apply_json(&run.azure, &b200_pool(name, gpus, 4)).await;
+        apply_json(
+            &run.azure,
+            &json!({
+                "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+                "metadata": {"name": name},
+                "spec": {"provider": "azure", "region": "eastus", "zone": "1",
+                         "instanceType": "Standard_ND96isr_H100_v5",
+                         "gpu": {"type": "B200", "count": gpus}, "nodes": {"min": 0, "max": 4}},
+            }),
+        )
+        .await;
     }
     Api::<GpuNodePool>::all(run.azure.clone())
         .patch_status(
@@ -390,7 +389,14 @@ async fn a_peers_bad_facts_are_bounded_and_its_clock_does_not_count(
         )
         .await
         .expect("publish a huge node count");
-    let message = azure_facts_rejected(run).await;
+    let message = peer_condition_is(
+        &run.aws,
+        "azure",
+        "FactsValid",
+        "False",
+        "PeerFactsRejected",
+    )
+    .await;
     assert!(
         message.contains(&wide) && message.contains("spec.gpu.count") && !message.contains(&huge),
         "FactsValid names the pool with 100 000 GPUs a node, not the clamped one: {message}"
@@ -556,8 +562,25 @@ async fn stalled_watches_are_started_anew(run: &Run, operators: &BTreeMap<&'stat
     );
     // The facts flow again: a pool made in azure now shows in aws's FactsValid.
     let late = format!("trust-late-{}", run.suffix);
-    apply_json(&run.azure, &b200_pool(&late, 100_000, 1)).await;
-    let message = azure_facts_rejected(run).await;
+    apply_json(
+        &run.azure,
+        &json!({
+            "apiVersion": "outrigger.dev/v1alpha1", "kind": "GpuNodePool",
+            "metadata": {"name": late},
+            "spec": {"provider": "azure", "region": "eastus", "zone": "1",
+                     "instanceType": "Standard_ND96isr_H100_v5",
+                     "gpu": {"type": "B200", "count": 100_000}, "nodes": {"min": 0, "max": 1}},
+        }),
+    )
+    .await;
+    let message = peer_condition_is(
+        &run.aws,
+        "azure",
+        "FactsValid",
+        "False",
+        "PeerFactsRejected",
+    )
+    .await;
     assert!(message.contains(&late), "{message}");
     println!("after the stall, aws sees azure's new pool: {message}");
     Api::<GpuNodePool>::all(run.azure.clone())
@@ -593,7 +616,22 @@ async fn removing_the_peer_revokes_its_tokens(run: &Run) {
             "{peer}'s reader reads before the removal"
         );
     }
-    let said = peer_remove().unwrap_or_else(|e| panic!("outrigger peer remove: {e}"));
+    let azure_kubeconfig = outrigger_tests::peers::kubeconfig("azure");
+    let said = outrigger(
+        "aws",
+        &[
+            "peer",
+            "remove",
+            "azure",
+            "--kubeconfig",
+            azure_kubeconfig.to_str().unwrap(),
+            "--cluster-name",
+            "aws",
+            "--namespace",
+            NAMESPACE,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("outrigger peer remove: {e}"));
     println!("{said}");
     for (at, peer, text) in &texts {
         let refused = eventually(

@@ -10,6 +10,7 @@
 //! and is removed at the end, also when it fails.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,19 @@ async fn peers_serve_one_deployment_and_survive_losing_a_cluster() {
     if !requested() {
         return;
     }
-    with_pair(|run, operators| steps(run, operators).boxed_local()).await;
+    let run = Run {
+        suffix: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+        aws: client("aws").await,
+        azure: client("azure").await,
+    };
+    let mut operators = BTreeMap::new();
+    let outcome = AssertUnwindSafe(steps(&run, &mut operators))
+        .catch_unwind()
+        .await;
+    clean_up(&run, operators).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 async fn steps(run: &Run, operators: &mut BTreeMap<&'static str, Operator>) {

@@ -7,7 +7,7 @@
 //! writes to a peer: every call is a get, a list or a watch.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use outrigger_crds::{
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::inventory::{Child, Inventory};
+use super::inventory::Child;
 use super::watch::{Notify, mirror_task};
 use super::{published, trim};
 use crate::controller::Clock;
@@ -191,11 +191,6 @@ pub struct Link {
     pub contact: Arc<Mutex<Contact>>,
     synced: Arc<AtomicBool>,
     tasks: Vec<AbortHandle>,
-    /// Bumped by every event of the pools and the copies mirrors: what the
-    /// bounded facts were computed from.
-    generation: Arc<AtomicU64>,
-    /// The bounded facts, the generation and skew they were computed at.
-    facts: Mutex<Option<(u64, SignedDuration, Arc<published::Facts>)>>,
 }
 
 impl Drop for Link {
@@ -225,16 +220,7 @@ impl Link {
 
     /// What the peer publishes, bounded and on the local clock
     /// (`observe::published`): the only way its pools and children are read.
-    /// Computed once per change of its mirrors (or of the skew), not per pass.
-    pub fn facts(&self) -> Arc<published::Facts> {
-        let generation = self.generation.load(Ordering::Acquire);
-        let skew = self.contact().skew.unwrap_or_default();
-        let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, was, facts)) = cached.as_ref()
-            && (*at, *was) == (generation, skew)
-        {
-            return facts.clone();
-        }
+    pub fn facts(&self) -> published::Facts {
         let children: Vec<Child> = self
             .remote
             .copies
@@ -243,13 +229,11 @@ impl Link {
             .filter_map(|copy| copy.0.as_ref().ok())
             .flat_map(published_children)
             .collect();
-        let facts = Arc::new(published::facts(
+        published::facts(
             &self.remote.pools.state(),
             &children,
-            skew,
-        ));
-        *cached = Some((generation, skew, facts.clone()));
-        facts
+            self.contact().skew.unwrap_or_default(),
+        )
     }
 
     /// A time the peer wrote, on this cluster's clock.
@@ -425,9 +409,6 @@ pub struct Peers {
     /// Links made from a changed Secret, each waiting for its first answer before
     /// it replaces the serving link of its peer.
     successors: Mutex<BTreeMap<String, Arc<Link>>>,
-    /// This cluster's own facts through the same bounds, and the inventory they
-    /// were computed from: once per inventory, not per pass.
-    own: Mutex<Option<(Arc<Inventory>, Arc<published::Facts>)>>,
     /// PeerClusters that existed at start and have not been linked (or found
     /// unusable) yet: until then no plan is made, or it would leave them out.
     pending: Mutex<std::collections::BTreeSet<String>>,
@@ -441,7 +422,6 @@ impl Peers {
             me,
             links: Mutex::default(),
             successors: Mutex::default(),
-            own: Mutex::default(),
             pending: Mutex::default(),
             changed: watch::channel(0).0,
             clock,
@@ -597,24 +577,6 @@ impl Peers {
         link
     }
 
-    /// This cluster's pools and children through the bounds its peers apply to
-    /// them (`observe::published`), so every peer builds the same view.
-    pub fn own_facts(&self, inventory: &Arc<Inventory>) -> Arc<published::Facts> {
-        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, facts)) = own.as_ref()
-            && Arc::ptr_eq(at, inventory)
-        {
-            return facts.clone();
-        }
-        let facts = Arc::new(published::facts(
-            &inventory.pools,
-            &inventory.children,
-            SignedDuration::ZERO,
-        ));
-        *own = Some((inventory.clone(), facts.clone()));
-        facts
-    }
-
     fn successors(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Link>>> {
         self.successors.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -642,7 +604,6 @@ impl Peers {
         // new watch then.
         let (rewatch, rewatched) = tokio::sync::watch::channel(0u64);
         let mut tasks = Vec::new();
-        let generation = Arc::new(AtomicU64::new(0));
         let remote = Remote {
             pools: keep(
                 &mut tasks,
@@ -651,7 +612,7 @@ impl Peers {
                     watcher::Config::default(),
                     trim::pool,
                     Notify::Fingerprint(poke.clone(), published_pool),
-                    Some(generation.clone()),
+                    None,
                     Some(rewatched.clone()),
                 ),
             ),
@@ -662,7 +623,7 @@ impl Peers {
                     watcher::Config::default(),
                     trim::pool,
                     Notify::Fingerprint(poke.clone(), published_copy),
-                    Some(generation.clone()),
+                    None,
                     Some(rewatched.clone()),
                 ),
             ),
@@ -839,8 +800,6 @@ impl Peers {
             contact,
             synced,
             tasks,
-            generation,
-            facts: Mutex::default(),
         });
         tracing::info!(peer = %name, server = %link.server, "linked to a peer");
         link

@@ -3,8 +3,6 @@
 //! they hold no copy of it; lost peers are left out (the others take their share);
 //! serving peers count only if they hold a copy.
 
-use std::sync::Arc;
-
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use outrigger_crds::ModelDeployment;
@@ -12,6 +10,7 @@ use outrigger_crds::ModelDeployment;
 use crate::observe::global::{self, Cluster, GlobalView};
 use crate::observe::inventory::{Inventory, Key};
 use crate::observe::peers::{Peers, Standing};
+use crate::observe::published;
 
 /// On a copy served with peers: it hands its share over before its replicas go.
 pub const FINALIZER: &str = "outrigger.dev/peers";
@@ -92,7 +91,7 @@ pub enum Observed {
 pub fn observe(
     md: &ModelDeployment,
     key: &Key,
-    inventory: &Arc<Inventory>,
+    inventory: &Inventory,
     peers: &Peers,
     (grace, rebalance): (std::time::Duration, std::time::Duration),
     now: Timestamp,
@@ -106,11 +105,17 @@ pub fn observe(
     }
     let me = &peers.me.name;
     let spec = serde_json::to_value(&md.spec).ok();
-    let own = peers.own_facts(inventory);
+    // This cluster's own facts go through the same bounds its peers apply to
+    // them, so every peer builds the same view from the same facts.
+    let own = published::facts(
+        &inventory.pools,
+        &inventory.children,
+        k8s_openapi::jiff::SignedDuration::ZERO,
+    );
     let mut local = Cluster {
         name: me.clone(),
-        pools: own.pools.clone(),
-        children: own.children.clone(),
+        pools: own.pools,
+        children: own.children,
         back_since: None,
         held: false,
     };
@@ -181,8 +186,8 @@ pub fn observe(
         let facts = link.facts();
         clusters.push(Cluster {
             name: link.name.clone(),
-            pools: facts.pools.clone(),
-            children: facts.children.clone(),
+            pools: facts.pools,
+            children: facts.children,
             back_since: link.contact().back_since,
             held: false,
         });
