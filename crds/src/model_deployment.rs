@@ -373,8 +373,9 @@ pub struct ModelDeploymentStatus {
     /// Cost of the placed replicas, in USD per hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_per_hour: Option<f64>,
-    /// This cluster's child Deployments of this copy, one per pool, as they stand:
-    /// what its peers plan with (a peer reads no Deployments).
+    /// This cluster's child Deployments of this copy, one per pool, as this
+    /// cluster's last pass leaves them: what its peers plan with (a peer reads no
+    /// Deployments).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<ChildStatus>,
     /// `Ready`, `Diversified` and `Degraded`, with a message saying what could not be

@@ -210,7 +210,7 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
         })
         .collect();
     let mut desired = status::desired(md, plan, &applied, pools, in_sync, now);
-    desired.children = published_children(inventory, key);
+    desired.children = published_children(&applied, md.spec.gpu.count, local);
     let (notes, failover) = announce(
         md,
         plan,
@@ -277,17 +277,26 @@ pub fn decide(md: &ModelDeployment, facts: &Facts<'_>) -> Decision {
     }
 }
 
-/// This cluster's children of the deployment as its peers read them, by pool.
-fn published_children(inventory: &Inventory, key: &Key) -> Vec<ChildStatus> {
-    let mut children: Vec<ChildStatus> = inventory
-        .children
+/// This cluster's children of the deployment as its peers read them, by pool: what
+/// each asks for once this pass's writes are done, and its Ready replicas up to
+/// that. Published with the writes, not a pass after them, so a peer never counts
+/// Ready replicas a shrink here has just given up (and hands a deleted copy's
+/// share over too early).
+fn published_children(
+    applied: &status::Applied,
+    gpus: u32,
+    local: impl Fn(&str) -> Option<String>,
+) -> Vec<ChildStatus> {
+    let mut children: Vec<ChildStatus> = applied
         .iter()
-        .filter(|c| &c.owner == key)
-        .map(|c| ChildStatus {
-            pool: c.pool.clone(),
-            replicas: c.replicas,
-            ready_replicas: c.ready,
-            gpus_per_replica: c.gpus,
+        .filter(|(_, (n, _))| *n > 0)
+        .filter_map(|(pool, &(n, ready))| {
+            Some(ChildStatus {
+                pool: local(pool)?,
+                replicas: n,
+                ready_replicas: ready,
+                gpus_per_replica: gpus,
+            })
         })
         .collect();
     children.sort_by(|a, b| a.pool.cmp(&b.pool));
