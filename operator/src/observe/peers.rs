@@ -32,6 +32,9 @@ use crate::controller::Clock;
 
 /// How often a peer is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// The longest a peer's leader Lease may claim to stay live unrenewed: Outrigger's
+/// own is 15 s; more than a few minutes would only delay taking a dead peer's share.
+const MAX_LEASE_SECONDS: i32 = 300;
 /// How long one probe call may take before the peer counts as not answering.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -968,7 +971,13 @@ async fn probe(
             .as_deref()
             .is_some_and(|h| !h.is_empty()),
         renewed: spec.renew_time.map(|t| t.0),
-        duration: SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15))),
+        // The peer's own number, bounded: a Lease that claimed years would keep a
+        // dead peer live here, and its share unserved.
+        duration: SignedDuration::from_secs(i64::from(
+            spec.lease_duration_seconds
+                .unwrap_or(15)
+                .clamp(1, MAX_LEASE_SECONDS),
+        )),
     };
     let (seen, live) = lease_after(
         before.lease.as_ref(),
